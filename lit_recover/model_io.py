@@ -1,0 +1,193 @@
+"""Loading and saving pruned models.
+
+Public face: ``load_pruned(path) -> (model, tokenizer)`` and ``save_pruned(model, tokenizer, path)``.
+
+Accepted inputs:
+- an LLM-Pruner pickle ``torch.save({'model': model, 'tokenizer': tokenizer}, path)``. Unpickling
+  *executes code named by the file*; it is done with ``torch.load(..., weights_only=False)`` and
+  only for files you trust;
+- a Hugging Face model directory (``config.json`` + weights + tokenizer), for unpruned baselines;
+- a hub model id (``org/name``), loaded with ``from_pretrained`` when the hub is reachable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lit_recover.pruning.structure import attention_head_counts, decoder_layers, set_attention_attributes
+
+log = logging.getLogger(__name__)
+
+
+class PrunedModelError(ValueError):
+    """A model file that cannot be used, with a one-line reason naming the file."""
+
+
+def _load_pickle(path: Path) -> tuple[nn.Module, object]:
+    try:
+        # weights_only=False runs code named by the pickle: the file must be trusted.
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as exc:
+        raise PrunedModelError(
+            f"{path}: the pickle refers to code that is not importable here ({exc})"
+        ) from exc
+    except Exception as exc:  # corrupt or not a torch file
+        raise PrunedModelError(f"{path}: not a readable torch pickle ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(obj, dict) or "model" not in obj or "tokenizer" not in obj:
+        found = f"a dict with keys {sorted(map(str, obj))}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise PrunedModelError(
+            f"{path}: expected an LLM-Pruner checkpoint {{'model': model, 'tokenizer': tokenizer}}, found {found}"
+        )
+    model, tokenizer = obj["model"], obj["tokenizer"]
+    if not isinstance(model, nn.Module):
+        raise PrunedModelError(f"{path}: 'model' is a {type(model).__name__}, not a torch module")
+    return model, tokenizer
+
+
+def _load_hf(path: str | Path, dtype: torch.dtype | None) -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    """Give the tokenizer a pad token (LLaMA has none; LLM-Pruner uses id 0) and left padding.
+
+    Left padding is for batched generation; training batches are padded by our own collator.
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
+    tokenizer.padding_side = "left"
+
+
+def check_structure(model: nn.Module, source: str = "model") -> None:
+    """Check every decoder layer's projection shapes fit together; name the first layer that doesn't."""
+    try:
+        layers = decoder_layers(model)
+    except ValueError as exc:
+        raise PrunedModelError(f"{source}: {exc}") from exc
+    hidden = model.get_input_embeddings().weight.shape[1]
+    for i, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        q_heads, kv_heads, head_dim = attention_head_counts(attn)
+        problems = []
+        if attn.q_proj.out_features != q_heads * head_dim or q_heads == 0:
+            problems.append(f"q_proj out {attn.q_proj.out_features} is not a multiple of head_dim {head_dim}")
+        if attn.k_proj.out_features != attn.v_proj.out_features:
+            problems.append(f"k_proj out {attn.k_proj.out_features} != v_proj out {attn.v_proj.out_features}")
+        if kv_heads == 0 or q_heads % kv_heads:
+            problems.append(f"{q_heads} query heads do not split into {kv_heads} KV groups")
+        if attn.o_proj.in_features != attn.q_proj.out_features:
+            problems.append(f"o_proj in {attn.o_proj.in_features} != q_proj out {attn.q_proj.out_features}")
+        for name in ("q_proj", "k_proj", "v_proj"):
+            if getattr(attn, name).in_features != hidden:
+                problems.append(f"{name} in {getattr(attn, name).in_features} != hidden size {hidden}")
+        if attn.o_proj.out_features != hidden:
+            problems.append(f"o_proj out {attn.o_proj.out_features} != hidden size {hidden}")
+        if not (mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features):
+            problems.append(
+                f"MLP widths gate {mlp.gate_proj.out_features}, up {mlp.up_proj.out_features}, "
+                f"down in {mlp.down_proj.in_features} differ"
+            )
+        if problems:
+            raise PrunedModelError(f"{source}: layer {i} shapes don't fit: " + "; ".join(problems))
+        if not problems and kv_heads and not q_heads % kv_heads:
+            set_attention_attributes(attn)
+
+
+@torch.no_grad()
+def check_forward(model: nn.Module, tokenizer, source: str = "model") -> None:
+    """One short padded forward; an error names the decoder layer that failed."""
+    layers = decoder_layers(model)
+    entered: list[int] = []
+    hooks = [layer.register_forward_pre_hook(lambda _m, _a, i=i: entered.append(i)) for i, layer in enumerate(layers)]
+    device = model.get_input_embeddings().weight.device
+    ids = torch.tensor([[1, 5, 6, 7], [1, 5, 6, 7]], device=device) % model.get_input_embeddings().weight.shape[0]
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(input_ids=ids, attention_mask=mask)
+    except Exception as exc:
+        where = f"layer {entered[-1]}" if entered else "the embedding"
+        raise PrunedModelError(f"{source}: forward fails in {where}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if not torch.isfinite(out.logits.float()).all():
+        raise PrunedModelError(f"{source}: forward gives non-finite logits")
+
+
+def load_pruned(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    check: bool = True,
+) -> tuple[nn.Module, object]:
+    """Load a pruned model and its tokenizer, ready for training.
+
+    Args:
+        path: an LLM-Pruner ``pruned_model.bin`` pickle, a Hugging Face model directory, or a hub id.
+        dtype: cast the model to this dtype (``"float32"``, ``"bfloat16"``, …); ``None`` keeps it.
+        check: run the structural and forward consistency checks.
+
+    Returns:
+        ``(model, tokenizer)``: the model in train mode, the tokenizer with a pad token.
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    p = Path(path)
+    source = str(path)
+    if p.is_file():
+        model, tokenizer = _load_pickle(p)
+    elif p.is_dir():
+        if not (p / "config.json").is_file():
+            raise PrunedModelError(f"{source}: a directory without config.json is not a model folder")
+        model, tokenizer = _load_hf(p, dtype)
+    elif p.suffix in {".bin", ".pt", ".pth", ".ckpt"} or p.is_absolute() or str(path).startswith("."):
+        raise PrunedModelError(f"{source}: no such file")
+    else:
+        model, tokenizer = _load_hf(str(path), dtype)  # a hub id
+    if dtype is not None:
+        model.to(dtype)
+    prepare_tokenizer(tokenizer)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if check:
+        check_structure(model, source)
+        check_forward(model, tokenizer, source)
+    model.train()
+    return model, tokenizer
+
+
+def atomic_save(obj: object, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a kill leaves the old file whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_pruned(model: nn.Module, tokenizer, path: str | Path) -> Path:
+    """Save ``{'model', 'tokenizer'}`` exactly as LLM-Pruner does, atomically."""
+    return atomic_save({"model": model, "tokenizer": tokenizer}, path)
