@@ -38,3 +38,29 @@ def tiny_model_and_tokenizer():
     from lit_recover.tiny import build_tiny_pruned
 
     return build_tiny_pruned()
+
+
+def write_alpaca_records(path: Path, n: int = 64) -> Path:
+    """A deterministic Alpaca-format file of ``n`` varied records (some with ``input``)."""
+    import json
+
+    records = []
+    for i in range(n):
+        a, b = 3 * i + 1, 7 * i + 2
+        if i % 3 == 0:
+            records.append({"instruction": f"Add {a} and {b}.", "input": "", "output": f"The sum is {a + b}."})
+        elif i % 3 == 1:
+            records.append({
+                "instruction": "Summarize the text in one sentence.",
+                "input": " ".join(["The model was pruned and then fine-tuned."] * (1 + i % 5)),
+                "output": "A pruned model was recovered" + " with low-rank adapters" * (i % 4) + ".",
+            })
+        else:
+            records.append({"instruction": f"List {1 + i % 6} colours.", "output": ", ".join(["red", "green", "blue", "black", "white", "grey"][: 1 + i % 6])})
+    path.write_text(json.dumps(records, indent=1))
+    return path
+
+
+@pytest.fixture()
+def alpaca_json(tmp_path) -> Path:
+    return write_alpaca_records(tmp_path / "alpaca.json")

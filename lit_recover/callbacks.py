@@ -1,0 +1,238 @@
+"""Callbacks: adapter-only step checkpoints in ``checkpoint-<step>/`` folders, and the end-of-fit
+merge → save → evaluate of the recovered model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_LAST = "checkpoint-last"
+TRAINER_STATE = "lightning.ckpt"
+ADAPTER_DIR = "lora_adapter"
+MERGED_PICKLE = "pruned_model.bin"
+MERGED_FOLDER = "pruned_model"
+EVAL_DIR = "evaluation"
+EVAL_FILE = "evaluation_results.json"
+# What marks an output_dir as holding results of an earlier run.
+RESULT_NAMES = (ADAPTER_DIR, MERGED_PICKLE, MERGED_FOLDER, EVAL_DIR, CHECKPOINT_LAST)
+
+
+def replace_dir(tmp: str | Path, final: str | Path) -> None:
+    """Move the finished folder ``tmp`` to ``final``; a kill at any point leaves a usable copy.
+
+    An existing ``final`` is first renamed to ``final.old`` (still found by ``resolve_checkpoint``),
+    then ``tmp`` takes its name, then the old copy goes.
+    """
+    final, tmp = Path(final), Path(tmp)
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _step_of(path: Path) -> int:
+    m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)(?:-v\d+)?", path.name)
+    return int(m.group(1)) if m else -1
+
+
+def resolve_checkpoint(ckpt_path: str | Path, output_dir: str | Path | None = None) -> str:
+    """Turn ``last``, a ``checkpoint-<step>`` folder or a ``.ckpt`` file into the file Lightning loads.
+
+    ``last`` is ``<output_dir>/checkpoint-last`` (or its ``.old`` copy when a kill interrupted the
+    swap), else the highest ``checkpoint-<step>`` in ``output_dir``.
+    """
+    if str(ckpt_path) == "last":
+        if output_dir is None:
+            raise FileNotFoundError("--ckpt_path last needs an output_dir to look in")
+        out = Path(output_dir)
+        candidates = [out / CHECKPOINT_LAST, out / f"{CHECKPOINT_LAST}.old"]
+        steps = sorted((p for p in out.glob(f"{CHECKPOINT_PREFIX}*") if _step_of(p) >= 0), key=_step_of)
+        candidates += steps[::-1]
+        for c in candidates:
+            if (c / TRAINER_STATE).is_file():
+                return str(c / TRAINER_STATE)
+        raise FileNotFoundError(f"{out}: no checkpoint to resume from (looked for {CHECKPOINT_LAST}/ and checkpoint-<step>/)")
+    p = Path(ckpt_path)
+    if p.is_dir():
+        if (p / TRAINER_STATE).is_file():
+            return str(p / TRAINER_STATE)
+        raise FileNotFoundError(f"{p}: not a checkpoint folder (no {TRAINER_STATE} inside)")
+    if p.is_file():
+        return str(p)
+    raise FileNotFoundError(f"{p}: no such checkpoint")
+
+
+class RecoveryCheckpoint(ModelCheckpoint):
+    """Adapter-only checkpoints as folders: ``checkpoint-<step>/`` holds ``lightning.ckpt``
+    (LoRA weights, optimizer, scheduler, loop and sampler state, RNG) and the PEFT adapter files.
+
+    Folders are written to a temporary name and renamed, so a kill mid-save leaves the previous
+    checkpoints whole. With validation, the best ``save_top_k`` by ``val/loss`` are kept; without,
+    the newest ``save_top_k``. ``checkpoint-last/`` always holds the newest state for resuming.
+    """
+
+    FILE_EXTENSION = ""
+    CHECKPOINT_NAME_LAST = CHECKPOINT_LAST
+
+    def __init__(self, dirpath: str, save_steps: int = 200, save_top_k: int = 3, validation: bool = True) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename=CHECKPOINT_PREFIX + "{step}",
+            auto_insert_metric_name=False,
+            monitor="val/loss" if validation else "step",
+            mode="min" if validation else "max",
+            save_top_k=save_top_k,
+            save_last=True,
+            # with validation, save when it ends (the CLI runs it every save_steps optimizer steps)
+            every_n_train_steps=None if validation else save_steps,
+            save_on_train_epoch_end=False if validation else None,
+            enable_version_counter=False,
+        )
+
+    @override
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        tmp = filepath + ".tmp"
+        if trainer.is_global_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        trainer.strategy.barrier("checkpoint-tmp")
+        trainer.save_checkpoint(os.path.join(tmp, TRAINER_STATE), self.save_weights_only)
+        if trainer.is_global_zero:
+            module = trainer.lightning_module
+            if hasattr(module, "save_adapter"):
+                module.save_adapter(tmp)
+            replace_dir(tmp, filepath)
+        trainer.strategy.barrier("checkpoint-done")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(self)
+
+    @override
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if trainer.is_global_zero:
+            shutil.rmtree(filepath, ignore_errors=True)
+
+
+class RecoveryOutputs(Callback):
+    """At the end of fit: save the adapter, merge it, save the merged model, evaluate.
+
+    Writes into ``output_dir``: ``lora_adapter/`` (PEFT ``save_pretrained`` + tokenizer),
+    ``pruned_model.bin`` (merged model + tokenizer, LLM-Pruner's pickle), ``pruned_model/`` (the same
+    without pickle) and, unless ``skip_evaluation``, ``evaluation/evaluation_results.json`` with the
+    pruned model's numbers before training (``evaluate_before``), the recovered model's after, and
+    their deltas. Only rank zero writes or evaluates; the other ranks wait at a barrier.
+
+    Args:
+        output_dir: where the outputs go.
+        skip_evaluation: write the model outputs only.
+        evaluation: the evaluation settings (metrics, data folders, limit, …).
+        evaluate_before: also evaluate the pruned model before training (metrics ``before_metrics``).
+        before_metrics: metrics of the before-training evaluation (PPL by default: it is cheap).
+        save_pickle_free: also write the pickle-free folder ``pruned_model/``.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        skip_evaluation: bool = False,
+        evaluation: Any = None,
+        evaluate_before: bool = True,
+        before_metrics: list[str] | None = None,
+        save_pickle_free: bool = True,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.skip_evaluation = skip_evaluation
+        self.evaluation = evaluation
+        self.evaluate_before = evaluate_before
+        self.before_metrics = before_metrics or ["ppl"]
+        self.save_pickle_free = save_pickle_free
+        self.before: dict | None = None
+
+    def _eval_config(self, metrics: list[str] | None = None):
+        from lit_recover.evaluation.suite import EvalConfig
+
+        cfg = self.evaluation if self.evaluation is not None else EvalConfig()
+        if metrics is not None:
+            from dataclasses import replace
+
+            cfg = replace(cfg, metrics=[m for m in cfg.metrics if m in metrics] or list(metrics))
+        return cfg
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.skip_evaluation or not self.evaluate_before or trainer.ckpt_path:
+            return
+        if trainer.is_global_zero:
+            from lit_recover.evaluation.suite import evaluate_model
+
+            rank_zero_info("Evaluating the pruned model before recovery …")
+            with pl_module.model.disable_adapter():
+                self.before = evaluate_model(
+                    pl_module.model, pl_module.tokenizer, self._eval_config(self.before_metrics), label="pruned"
+                )
+        trainer.strategy.barrier("evaluate-before")
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._write_adapter(pl_module)
+        # the merge folds the adapter into the base weights in place: after the adapter is saved
+        merged = pl_module.merged_model()
+        if trainer.is_global_zero:
+            self._write_merged(pl_module, merged)
+        trainer.strategy.barrier("recovery-outputs")
+
+    def _write_adapter(self, pl_module: L.LightningModule) -> None:
+        out = self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{ADAPTER_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        pl_module.save_adapter(tmp)
+        pl_module.tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, out / ADAPTER_DIR)
+        rank_zero_info(f"Saved the LoRA adapter to {out / ADAPTER_DIR}")
+
+    def _write_merged(self, pl_module: L.LightningModule, merged) -> None:
+        from lit_recover.model_io import save_pruned
+
+        out = self.output_dir
+        tokenizer = pl_module.tokenizer
+        merged.eval()
+        save_pruned(merged, tokenizer, out / MERGED_PICKLE)
+        rank_zero_info(f"Saved the merged model to {out / MERGED_PICKLE}")
+        if self.save_pickle_free:
+            try:
+                from lit_recover.pruned_folder import save_pruned_folder
+            except ImportError:  # the pickle-free format is optional
+                pass
+            else:
+                save_pruned_folder(merged, tokenizer, out / MERGED_FOLDER, overwrite=True)
+                rank_zero_info(f"Saved the merged model without pickle to {out / MERGED_FOLDER}")
+
+        if self.skip_evaluation:
+            return
+        from lit_recover.evaluation.suite import evaluate_model, with_deltas, write_results
+
+        rank_zero_info("Evaluating the recovered model …")
+        after = evaluate_model(merged, tokenizer, self._eval_config(), label="recovered")
+        results = with_deltas(self.before, after) if self.before is not None else after
+        path = write_results(results, out / EVAL_DIR / EVAL_FILE, overwrite=True)
+        rank_zero_info(f"Wrote {path}")

@@ -1,0 +1,239 @@
+"""``RecoveryCLI``: LightningCLI with the recovery job's top-level options.
+
+Top-level keys (beside ``model``, ``data`` and ``trainer``): ``output_dir``, ``overwrite``,
+``skip_evaluation``, ``evaluation``, ``wandb_project``, ``save_steps``, ``save_total_limit``. Derived
+for you: gradient accumulation (``batch_size / (micro_batch_size × world size)``), precision
+(32-true on CPU, bf16-mixed on CUDA where supported), the logger, the checkpoint and end-of-fit
+callbacks, and ``--ckpt_path`` (``last``, a ``checkpoint-<step>`` folder, or a ``.ckpt`` file).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from typing_extensions import override
+
+from lit_recover.callbacks import RESULT_NAMES, RecoveryCheckpoint, RecoveryOutputs, resolve_checkpoint
+from lit_recover.data import AlpacaDataModule
+from lit_recover.module import LoRARecoveryModule
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, with a one-line reason."""
+
+
+def default_output_dir(pruned_model: str) -> str:
+    """``results/<folder of the pruned model>_finetuned`` (LLM-Pruner keeps models in ``prune_log/<name>/``)."""
+    p = Path(pruned_model)
+    name = p.name if p.is_dir() or p.suffix == "" else p.parent.name
+    name = name or p.stem
+    return str(Path("results") / f"{name.replace('/', '_')}_finetuned")
+
+
+def world_size(trainer_cfg: Any) -> int:
+    """Processes of the run: devices per node × nodes, resolving ``auto`` like Lightning does."""
+    devices = trainer_cfg.get("devices", "auto")
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if isinstance(devices, (list, tuple)):
+        per_node = len(devices)
+    elif isinstance(devices, str) and devices not in ("auto", "-1"):
+        per_node = len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(devices)
+    elif accelerator in ("cpu",) or not torch.cuda.is_available():
+        per_node = 1
+    else:
+        per_node = torch.cuda.device_count()
+    return max(1, int(per_node)) * max(1, int(trainer_cfg.get("num_nodes", 1) or 1))
+
+
+def gradient_accumulation(batch_size: int, micro_batch_size: int, world: int) -> int:
+    """``batch_size / (micro_batch_size × world)``; an error when it does not divide."""
+    per_step = micro_batch_size * world
+    if batch_size % per_step:
+        raise ConfigError(
+            f"data.batch_size {batch_size} is not a multiple of data.micro_batch_size {micro_batch_size} "
+            f"× world size {world} = {per_step}"
+        )
+    return batch_size // per_step
+
+
+def default_precision(accelerator: str) -> str:
+    """32-true on CPU (bf16 is emulated there and about 2× slower), bf16-mixed on CUDA where supported."""
+    if accelerator != "cpu" and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+class OutputDirConfig(SaveConfigCallback):
+    """Save the resolved config as ``<output_dir>/config.yaml`` (rank zero)."""
+
+    def __init__(self, parser, config, output_dir: str | None = None, **kwargs: Any) -> None:
+        super().__init__(parser, config, save_to_log_dir=False, **kwargs)
+        self.output_dir = output_dir
+
+    @override
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        out = Path(self.output_dir or trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(out / self.config_filename), skip_none=False, overwrite=True)
+
+
+class RecoveryCLI(LightningCLI):
+    """The recovery job's command line (``python main.py fit|validate …``)."""
+
+    def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("seed_everything_default", 42)
+        kwargs.setdefault("auto_configure_optimizers", False)  # the module's --model.optimizer covers it
+        kwargs.setdefault("trainer_defaults", {"max_epochs": 2})
+        kwargs.setdefault("save_config_callback", OutputDirConfig)
+        super().__init__(LoRARecoveryModule, AlpacaDataModule, args=args, run=run, **kwargs)
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--output_dir", type=str | None, default=None,
+                            help="Where outputs go (default results/<folder of the pruned model>_finetuned).")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="Allow an output_dir that already holds results.")
+        parser.add_argument("--skip_evaluation", type=bool, default=False,
+                            help="Skip the end-of-fit evaluation suite.")
+        parser.add_argument("--wandb_project", type=str | None, default=None,
+                            help="Log to Weights & Biases under this project (offline without credentials).")
+        parser.add_argument("--save_steps", type=int, default=200,
+                            help="Validate and checkpoint every N optimizer steps.")
+        parser.add_argument("--save_total_limit", type=int, default=3,
+                            help="Keep this many step checkpoints (the best by val/loss, else the newest).")
+        try:
+            from lit_recover.evaluation.suite import EvalConfig
+        except ImportError:  # evaluation extras absent
+            pass
+        else:
+            parser.add_class_arguments(EvalConfig, "evaluation")
+        parser.link_arguments("model", "data.tokenizer", compute_fn=lambda m: m.tokenizer, apply_on="instantiate")
+
+    # --- config resolution, before anything heavy is loaded -----------------------------------
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        cfg = self._cfg()
+        if cfg.get("output_dir") is None and cfg.model.get("pruned_model"):
+            cfg.output_dir = default_output_dir(cfg.model.pruned_model)
+        if cfg.get("ckpt_path"):
+            try:
+                cfg.ckpt_path = resolve_checkpoint(cfg.ckpt_path, cfg.get("output_dir"))
+            except FileNotFoundError as exc:
+                raise ConfigError(str(exc)) from exc
+
+    def _cfg(self) -> Any:
+        """The namespace of the running subcommand (or the whole config with ``run=False``)."""
+        sub = self.config.get("subcommand")
+        return self.config[sub] if sub else self.config
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        sub = self.subcommand
+        cfg = self._cfg()
+        trainer = cfg.trainer
+        accelerator = str(trainer.get("accelerator") or "auto")
+        if trainer.get("precision") is None:
+            trainer.precision = default_precision(accelerator)
+        world = world_size(trainer)
+        trainer.accumulate_grad_batches = gradient_accumulation(
+            cfg.data.batch_size, cfg.data.micro_batch_size, world
+        )
+        if cfg.get("output_dir") is None:
+            raise ConfigError("set --model.pruned_model (or --output_dir)")
+        out = Path(cfg.output_dir)
+        trainer.default_root_dir = str(out)
+        if trainer.get("logger") in (None, True):
+            trainer.logger = self._logger_config(cfg, out)
+        if cfg.data.get("val_set_size", 0) and trainer.get("val_check_interval") is None:
+            # validate (and checkpoint) every save_steps optimizer steps, across epoch boundaries
+            trainer.val_check_interval = cfg.save_steps * trainer.accumulate_grad_batches
+            trainer.check_val_every_n_epoch = None
+        if sub == "fit":
+            self._check_output_dir(cfg, out)
+        trainer.use_distributed_sampler = False  # the data module shards by rank itself
+
+    @staticmethod
+    def _logger_config(cfg: Any, out: Path) -> dict[str, Any]:
+        if cfg.get("wandb_project"):
+            offline = os.environ.get("WANDB_MODE") in ("offline", "disabled") or not (
+                os.environ.get("WANDB_API_KEY") or Path.home().joinpath(".netrc").exists()
+            )
+            return {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                    "init_args": {"project": cfg.wandb_project, "save_dir": str(out), "offline": offline}}
+        return {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(out), "name": "logs"}}
+
+    @staticmethod
+    def _check_output_dir(cfg: Any, out: Path) -> None:
+        """Refuse to clobber results; report an unwritable folder or a full disk before training."""
+        existing = [n for n in RESULT_NAMES if (out / n).exists()]
+        if existing and not cfg.get("overwrite") and not cfg.get("ckpt_path"):
+            raise ConfigError(
+                f"{out}: already holds results ({', '.join(existing)}); pass --overwrite true, "
+                "--ckpt_path last to resume, or another --output_dir"
+            )
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write_probe"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"{out}: output_dir is not writable ({exc.strerror or exc})") from exc
+        model_path = Path(cfg.model.pruned_model)
+        if model_path.is_file():
+            # the merged pickle, the pickle-free folder and the adapter: a little over twice the input
+            need = int(model_path.stat().st_size * 2.1)
+            free = shutil.disk_usage(out).free
+            if free < need:
+                raise ConfigError(
+                    f"{out}: {free / 2**20:.0f} MiB free, the merged model and adapter need about {need / 2**20:.0f} MiB"
+                )
+
+    # --- trainer ---------------------------------------------------------------------------------
+    @override
+    def instantiate_trainer(self, **kwargs: Any):
+        cfg = self._cfg()
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        callbacks = list(trainer_cfg.get("callbacks") or [])
+        if self.subcommand == "fit":
+            validation = bool(cfg.data.get("val_set_size", 0))
+            callbacks.append(RecoveryCheckpoint(
+                dirpath=cfg.output_dir, save_steps=cfg.save_steps, save_top_k=cfg.save_total_limit,
+                validation=validation,
+            ))
+            callbacks.append(RecoveryOutputs(
+                output_dir=cfg.output_dir,
+                skip_evaluation=cfg.skip_evaluation,
+                evaluation=self._get(self.config_init, "evaluation"),
+            ))
+            if trainer_cfg.get("logger"):
+                callbacks.append(LearningRateMonitor(logging_interval="step"))
+        trainer_cfg["callbacks"] = callbacks
+        self.save_config_kwargs = {**self.save_config_kwargs, "output_dir": cfg.get("output_dir")}
+        return super().instantiate_trainer(**kwargs)
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+
+
+def run_cli(args: Any = None) -> RecoveryCLI | None:
+    """Run the CLI; a user error (bad file, bad record, bad config) ends with one line, no traceback."""
+    from lit_recover.data import DataError
+    from lit_recover.model_io import PrunedModelError
+
+    try:
+        return RecoveryCLI(args=args)
+    except (ConfigError, DataError, PrunedModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc

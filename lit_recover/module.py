@@ -1,0 +1,302 @@
+"""``LoRARecoveryModule``: the PEFT-wrapped pruned model, its training step, optimizer and metrics.
+
+Options that turn features on: ``gradient_checkpointing`` (recompute activations in the backward
+pass), ``optimizer`` / ``lr_scheduler`` (any torch optimizer and scheduler through LightningCLI;
+default AdamW with LLM-Pruner's linear warm-up then linear decay), ``trust_pickle`` (plain
+``torch.load`` of the pruned pickle instead of the safe loader).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from lit_recover.model_io import load_pruned
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
+
+
+def linear_warmup_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear ramp over ``warmup_steps``, then linear decay to 0 at ``total_steps``.
+
+    The schedule of transformers' ``get_linear_schedule_with_warmup`` that LLM-Pruner's and
+    alpaca-lora's Trainer use.
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return float(step) / float(max(1, warmup_steps))
+        return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
+
+    return factor
+
+
+def _split_modules(value: list[str] | str) -> list[str]:
+    if isinstance(value, str):
+        value = value.strip().strip("[]")
+        return [v.strip().strip("'\"") for v in value.split(",") if v.strip()]
+    return list(value)
+
+
+class LoRARecoveryModule(L.LightningModule):
+    """LoRA recovery fine-tuning of a structurally pruned causal LM.
+
+    Args:
+        pruned_model: path of the pruned model: an LLM-Pruner ``pruned_model.bin`` pickle, a pruned
+            model folder, a Hugging Face model directory or a hub id.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (scale = alpha / r).
+        lora_dropout: dropout on the LoRA input.
+        lora_target_modules: module names that get LoRA adapters (list or comma-separated string).
+        learning_rate: peak learning rate of the default AdamW.
+        weight_decay: weight decay of the default AdamW.
+        warmup_steps: linear warm-up steps of the default schedule (LLM-Pruner uses 100).
+        optimizer: optional optimizer factory (LightningCLI ``--model.optimizer``); overrides the default AdamW.
+        lr_scheduler: optional scheduler factory; overrides the default warm-up/decay schedule.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        trust_pickle: load the pickle with plain ``torch.load`` (executes code named by the file).
+        torch_dtype: dtype of the frozen base weights (``float32``, ``bfloat16``, ``float16``); ``None``
+            picks float32 (mixed precision keeps fp32 masters).
+        attn_implementation: attention kernel (``sdpa``, ``eager``); ``None`` keeps the model's.
+        tokenizer: filled in after loading; the CLI hands it to the data module.
+    """
+
+    def __init__(
+        self,
+        pruned_model: str,
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] | str = DEFAULT_TARGET_MODULES,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 100,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        gradient_checkpointing: bool = False,
+        trust_pickle: bool = False,
+        torch_dtype: str | None = None,
+        attn_implementation: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        # Checkpoints hold only the adapter: loading them must not demand the frozen base weights.
+        self.strict_loading = False
+
+        base, self.tokenizer = self._load_base(pruned_model, trust_pickle, torch_dtype, attn_implementation)
+        self.model = self._wrap_lora(base)
+        self.val_nll = MeanMetric()
+        self._step_started: float | None = None
+        self._tokens_in_step = 0
+        self._log_parameter_counts()
+
+    # --- setup -----------------------------------------------------------------------------
+    @staticmethod
+    def _load_base(path: str, trust_pickle: bool, torch_dtype: str | None, attn_implementation: str | None):
+        kwargs: dict[str, Any] = {"dtype": torch_dtype or "float32"}
+        if trust_pickle:
+            kwargs["trust_pickle"] = True
+        model, tokenizer = load_pruned(path, **kwargs)
+        if attn_implementation is not None:
+            model.config._attn_implementation = attn_implementation
+        return model, tokenizer
+
+    def _wrap_lora(self, base: torch.nn.Module) -> torch.nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        hp = self.hparams
+        config = LoraConfig(
+            r=hp.lora_r,
+            lora_alpha=hp.lora_alpha,
+            lora_dropout=hp.lora_dropout,
+            target_modules=_split_modules(hp.lora_target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        if hp.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+            base.config.use_cache = False
+        return get_peft_model(base, config)
+
+    def _log_parameter_counts(self) -> None:
+        trainable, total = self.parameter_counts()
+        rank_zero_info(
+            f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts of the wrapped model."""
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        return trainable, total
+
+    @override
+    def on_fit_start(self) -> None:
+        trainable, total = self.parameter_counts()
+        for logger in self.loggers:
+            logger.log_hyperparams({"params/trainable": trainable, "params/total": total})
+
+    # --- the step ------------------------------------------------------------------------------
+    @property
+    def backbone(self) -> torch.nn.Module:
+        """The decoder stack (``LlamaModel``) under the PEFT wrapper."""
+        return self.model.get_base_model().model
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.get_base_model().lm_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Full logits, as the merged model would give them."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def supervised_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Mean next-token NLL over supervised positions, and their count.
+
+        The LM head and cross-entropy run only where the shifted label is not ``IGNORE_INDEX``:
+        the same mean as the causal-LM loss of ``LlamaForCausalLM(labels=...)``, without
+        materialising vocabulary-sized logits for prompt and padding positions.
+        """
+        hidden = self.backbone(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
+        ).last_hidden_state
+        labels = batch["labels"][:, 1:]
+        keep = labels != IGNORE_INDEX
+        n = int(keep.sum())
+        if n == 0:  # nothing supervised (every response cut off): a zero loss that keeps the graph
+            return hidden.sum() * 0.0, 0
+        logits = self.lm_head(hidden[:, :-1][keep])
+        loss = F.cross_entropy(logits.float(), labels[keep], reduction="mean")
+        return loss, n
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        loss, n = self.supervised_loss(batch)
+        bsz = batch["input_ids"].shape[0]
+        if stage == "train":
+            self.log("train/loss", loss, prog_bar=True, batch_size=bsz)
+            if "attention_mask" in batch:
+                mask = batch["attention_mask"]
+                real = int(mask.sum())
+                self.log("train/padding_fraction", 1.0 - real / mask.numel(), batch_size=bsz)
+                self._tokens_in_step += real
+        else:
+            self.val_nll.update(loss.detach(), weight=max(n, 1))
+            self.log("val/loss", self.val_nll, prog_bar=True, batch_size=bsz)
+        return loss
+
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/ppl", torch.exp(self.val_nll.compute()), prog_bar=True)
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._step_started is None:
+            self._step_started = time.perf_counter()
+            self._tokens_in_step = 0
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # non-pad tokens processed since the previous optimizer step, over the wall time it took
+        if self._step_started is not None:
+            elapsed = time.perf_counter() - self._step_started
+            if elapsed > 0:
+                self.log("train/tokens_per_sec", self._tokens_in_step / elapsed)
+        self._step_started = None
+
+    # --- optimisation ----------------------------------------------------------------------------
+    def trainable_parameters(self) -> Iterable[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @override
+    def configure_optimizers(self) -> Any:
+        params = self.trainable_parameters()
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(params)
+        else:
+            optimizer = torch.optim.AdamW(
+                params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay,
+                foreach=None,
+            )
+        if self.scheduler_factory is not None:
+            scheduler = self.scheduler_factory(optimizer)
+        else:
+            total = self.trainer.estimated_stepping_batches
+            total = int(total) if math.isfinite(total) else 10**9
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, linear_warmup_decay(self.hparams.warmup_steps, total)
+            )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- outputs -------------------------------------------------------------------------------
+    def save_adapter(self, path: str) -> None:
+        """Write the LoRA adapter with PEFT's ``save_pretrained`` (``PeftModel.from_pretrained`` reads it)."""
+        self.model.save_pretrained(path)
+
+    def merged_model(self) -> torch.nn.Module:
+        """Fold the LoRA weights into the base weights and return the plain model.
+
+        Done in place: afterwards this module holds no adapter any more (the end of fit is the place).
+        """
+        return self.model.merge_and_unload()
+
+    # --- checkpoints: the adapter, not the frozen base ----------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable (LoRA) tensors of this module's state dict."""
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in trainable}
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k in self._trainable_names()
+        }
+        # RNG states, so that dropout after a resume draws what the uninterrupted run drew
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
+        }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = self._trainable_names() - set(checkpoint.get("state_dict", {}))
+        if missing:
+            raise ValueError(
+                f"checkpoint lacks {len(missing)} adapter tensors (e.g. {sorted(missing)[0]}): "
+                "was it written with other LoRA settings?"
+            )
+        rng = checkpoint.get("rng_states")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def _trainable_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}

@@ -1,0 +1,130 @@
+"""The command line end to end: configs, derived settings, outputs, guards."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lit_recover.callbacks import resolve_checkpoint
+from lit_recover.cli import ConfigError, RecoveryCLI, default_output_dir, gradient_accumulation
+from main import cli_main
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses_and_instantiates(config, tiny_pruned_path, alpaca_json, tmp_path):
+    cli = RecoveryCLI(args=[
+        "--config", str(config), "--model.pruned_model", str(tiny_pruned_path),
+        "--data.data_path", str(alpaca_json), "--output_dir", str(tmp_path / "out"),
+    ], run=False)
+    raw = yaml.safe_load(config.read_text())
+    for key, value in (raw.get("model") or {}).items():
+        if key != "pruned_model":
+            assert cli.model.hparams[key] == value, key
+    for key, value in (raw.get("data") or {}).items():
+        if key != "data_path":
+            assert getattr(cli.datamodule, key) == value, key
+    assert cli.datamodule.tokenizer is cli.model.tokenizer  # loaded once, handed over
+    data = raw.get("data", {})
+    assert cli.trainer.accumulate_grad_batches == data.get("batch_size", 64) // data.get("micro_batch_size", 4)
+
+
+def test_recover_yaml_is_the_seed_defaults():
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "recover.yaml").read_text())
+    assert raw["model"] | {"pruned_model": None} == {
+        "pruned_model": None, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
+        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"],
+        "learning_rate": 1e-4, "warmup_steps": 100,
+    }
+    assert raw["data"] == {
+        "data_path": "yahma/alpaca-cleaned", "val_set_size": 2000, "cutoff_len": 256, "prompt_template_name": "alpaca",
+        "train_on_inputs": False, "add_eos_token": False, "group_by_length": False, "batch_size": 64,
+        "micro_batch_size": 4,
+    }
+    assert raw["trainer"]["max_epochs"] == 2
+
+
+def test_accumulation_is_derived_and_must_divide():
+    assert gradient_accumulation(64, 4, 1) == 16
+    assert gradient_accumulation(128, 8, 16) == 1
+    with pytest.raises(ConfigError, match="batch_size 64 is not a multiple of data.micro_batch_size 4 × world size 3"):
+        gradient_accumulation(64, 4, 3)
+
+
+def test_default_output_dir():
+    assert default_output_dir("prune_log/llama_prune/pruned_model.bin") == str(Path("results/llama_prune_finetuned"))
+
+
+def test_bad_batch_size_is_one_line_error(tiny_pruned_path, alpaca_json, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "--model.pruned_model", str(tiny_pruned_path), "--data.data_path", str(alpaca_json),
+                  "--data.batch_size", "10", "--output_dir", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: data.batch_size 10 is not a multiple")
+
+
+def test_missing_checkpoint_is_reported(tiny_pruned_path, alpaca_json, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--model.pruned_model", str(tiny_pruned_path), "--data.data_path", str(alpaca_json),
+                  "--output_dir", str(tmp_path / "o"), "--ckpt_path", "last"])
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_resolve_checkpoint_forms(tmp_path):
+    for step in (2, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "lightning.ckpt").write_bytes(b"x")
+    assert resolve_checkpoint("last", tmp_path).endswith("checkpoint-10/lightning.ckpt")
+    assert resolve_checkpoint(tmp_path / "checkpoint-2").endswith("checkpoint-2/lightning.ckpt")
+    (tmp_path / "checkpoint-last.old").mkdir()  # a kill between the two renames of a save
+    (tmp_path / "checkpoint-last.old" / "lightning.ckpt").write_bytes(b"x")
+    assert resolve_checkpoint("last", tmp_path).endswith("checkpoint-last.old/lightning.ckpt")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        resolve_checkpoint(tmp_path)
+
+
+def _fit_args(model, data, out, *extra):
+    return ["fit", "--model.pruned_model", str(model), "--data.data_path", str(data), "--output_dir", str(out),
+            "--data.batch_size", "4", "--data.micro_batch_size", "2", "--data.cutoff_len", "64",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--skip_evaluation", "true", *extra]
+
+
+@pytest.mark.slow
+def test_fit_writes_all_outputs(tiny_pruned_path, alpaca_json, tmp_path):
+    from peft import PeftModel
+
+    from lit_recover.model_io import load_pruned
+
+    out = tmp_path / "run"
+    cli_main(_fit_args(tiny_pruned_path, alpaca_json, out, "--data.val_set_size", "8", "--trainer.max_steps", "4",
+                       "--save_steps", "2"))
+    for name in ("config.yaml", "lora_adapter/adapter_config.json", "lora_adapter/adapter_model.safetensors",
+                 "lora_adapter/tokenizer.json", "pruned_model.bin", "checkpoint-2/lightning.ckpt",
+                 "checkpoint-4/adapter_model.safetensors", "checkpoint-last/lightning.ckpt"):
+        assert (out / name).exists(), name
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["trainer"]["accumulate_grad_batches"] == 2 and saved["trainer"]["max_steps"] == 4
+
+    # the merged pickle loads as the seed shows and generates; it equals base + adapter
+    merged, tok = load_pruned(out / "pruned_model.bin")
+    merged.eval()
+    base, _ = load_pruned(tiny_pruned_path)
+    peft_model = PeftModel.from_pretrained(base, out / "lora_adapter").eval()
+    ids = tok(["Add 1 and 2."], return_tensors="pt")
+    with torch.no_grad():
+        assert (merged(**ids).logits - peft_model(**ids).logits).abs().max() < 1e-4
+    gen = merged.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert gen.shape[1] == ids["input_ids"].shape[1] + 4
+
+    # only the adapter is in a step checkpoint
+    ckpt = torch.load(out / "checkpoint-2" / "lightning.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
+    assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
+
+    # results are never overwritten silently
+    with pytest.raises(SystemExit):
+        cli_main(_fit_args(tiny_pruned_path, alpaca_json, out, "--trainer.max_steps", "1"))
