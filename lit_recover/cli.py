@@ -231,9 +231,10 @@ def run_cli(args: Any = None) -> RecoveryCLI | None:
     """Run the CLI; a user error (bad file, bad record, bad config) ends with one line, no traceback."""
     from lit_recover.data import DataError
     from lit_recover.model_io import PrunedModelError
+    from lit_recover.module import NonFiniteLossError
 
     try:
         return RecoveryCLI(args=args)
-    except (ConfigError, DataError, PrunedModelError) as exc:
+    except (ConfigError, DataError, PrunedModelError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc

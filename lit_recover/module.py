@@ -13,7 +13,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -28,6 +28,11 @@ from lit_recover.model_io import load_pruned
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf."""
+
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
 
 
@@ -73,7 +78,8 @@ class LoRARecoveryModule(L.LightningModule):
         torch_dtype: dtype of the frozen base weights (``float32``, ``bfloat16``, ``float16``); ``None``
             picks float32 (mixed precision keeps fp32 masters).
         attn_implementation: attention kernel (``sdpa``, ``eager``); ``None`` keeps the model's.
-        tokenizer: filled in after loading; the CLI hands it to the data module.
+        nonfinite_loss: on a NaN/inf training loss, ``stop`` the run with a message naming the step
+            and the last good checkpoint, or ``skip`` the micro-batch and count it (``train/skipped_batches``).
     """
 
     def __init__(
@@ -92,6 +98,7 @@ class LoRARecoveryModule(L.LightningModule):
         trust_pickle: bool = False,
         torch_dtype: str | None = None,
         attn_implementation: str | None = None,
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -105,6 +112,7 @@ class LoRARecoveryModule(L.LightningModule):
         self.val_nll = MeanMetric()
         self._step_started: float | None = None
         self._tokens_in_step = 0
+        self.skipped_batches = 0
         self._log_parameter_counts()
 
     # --- setup -----------------------------------------------------------------------------
@@ -203,8 +211,25 @@ class LoRARecoveryModule(L.LightningModule):
         return loss
 
     @override
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        loss = self._step(batch, "train")
+        if torch.isfinite(loss.detach()).all():
+            return loss
+        if self.hparams.nonfinite_loss == "skip":
+            # returning None skips backward for this micro-batch; nothing reaches the weights
+            self.skipped_batches += 1
+            self.log("train/skipped_batches", float(self.skipped_batches))
+            log.warning("non-finite loss at step %d (batch %d): skipped", self.global_step, batch_idx)
+            return None
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at optimizer step {self.global_step} (batch {batch_idx}); "
+            f"last good checkpoint: {self._last_checkpoint() or 'none yet'}. "
+            "Lower the learning rate, use bf16 or fp32 instead of fp16, or set --model.nonfinite_loss skip"
+        )
+
+    def _last_checkpoint(self) -> str | None:
+        callback = getattr(self.trainer, "checkpoint_callback", None) if self._trainer is not None else None
+        return getattr(callback, "_last_checkpoint_saved", None) or None
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
