@@ -70,6 +70,8 @@ class FitSettings:
         seed: seed of both sides.
         threads: torch intra-op threads (``None``: torch's default).
         lit_args: extra ``main.py fit`` arguments for the lit-recover side (levers to toggle).
+        full_logits: lit-recover computes the LM head and cross-entropy over every position, as the
+            reference does (turns the supervised-positions-only lever off, for measuring it).
     """
 
     model: str
@@ -88,6 +90,7 @@ class FitSettings:
     seed: int = 42
     threads: int | None = None
     lit_args: list[str] = field(default_factory=list)
+    full_logits: bool = False
 
 
 # --- measuring, inside a worker process ----------------------------------------------------------
@@ -254,6 +257,9 @@ def lit_cli_args(s: FitSettings, output_dir: Path) -> list[str]:
         "--data.group_by_length", str(s.group_by_length).lower(),
         "--data.batch_size", str(s.batch_size),
         "--data.micro_batch_size", str(s.micro_batch_size),
+        # the recipe always appends EOS to prompt+response (its add_eos_token flag only changes
+        # how the prompt length is counted); lit-recover does so with add_eos_token
+        "--data.add_eos_token", "true",
         "--model.learning_rate", str(s.learning_rate),
         "--model.warmup_steps", str(s.warmup_steps),
         "--model.lora_r", str(s.lora_r),
@@ -268,9 +274,25 @@ def lit_cli_args(s: FitSettings, output_dir: Path) -> list[str]:
         "--output_dir", str(output_dir),
         "--skip_evaluation", "true",
     ]
-    if s.sequential:
-        args += ["--data.shuffle", "false"]
     return args + list(s.lit_args)
+
+
+def _full_logits_loss(pl_module):
+    """The causal-LM loss over full logits (``LlamaForCausalLM(labels=...)``): the lever switched off."""
+    import torch.nn.functional as F
+
+    def loss(batch):
+        hidden = pl_module.backbone(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
+        ).last_hidden_state
+        logits = pl_module.lm_head(hidden).float()
+        labels = batch["labels"][:, 1:]
+        n = _supervised_count(batch["labels"])
+        value = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                ignore_index=IGNORE_INDEX)
+        return value, n
+
+    return loss
 
 
 def run_lit_worker(s: FitSettings, workdir: Path) -> dict[str, Any]:
@@ -278,9 +300,18 @@ def run_lit_worker(s: FitSettings, workdir: Path) -> dict[str, Any]:
     import lightning as L
 
     sys.path.insert(0, str(ROOT))
+    from lit_recover import data as data_module
     from lit_recover.cli import RecoveryCLI
 
     meter = StepMeter()
+    if s.sequential:
+        # the data module has no switch for file order: keep the sampler from shuffling
+        original_init = data_module.ShardedBatchSampler.__init__
+
+        def unshuffled_init(self, *args, **kwargs):
+            original_init(self, *args, **{**kwargs, "shuffle": False})
+
+        data_module.ShardedBatchSampler.__init__ = unshuffled_init
 
     class Meter(L.Callback):
         def on_train_start(self, trainer, pl_module) -> None:
@@ -294,6 +325,8 @@ def run_lit_worker(s: FitSettings, workdir: Path) -> dict[str, Any]:
                     meter.add_loss(float(loss.detach()), n)
                 return loss, n
 
+            if s.full_logits:
+                original = _full_logits_loss(pl_module)
             pl_module.supervised_loss = supervised_loss
             trainer.optimizers[0].register_step_post_hook(meter.optimizer_step_hook)
             meter.start()
@@ -338,6 +371,8 @@ def summarize_run(run: dict[str, Any], skip: int = 1) -> dict[str, Any]:
         "supervised_tokens_per_s": sum(x["supervised"] for x in timed) / seconds if seconds > 0 else float("nan"),
         "s_per_step": statistics.median(x["seconds"] for x in timed) if timed else float("nan"),
         "peak_memory_mb": memory,
+        "peak_increment_mb": (run["cuda_peak_mb"] if run.get("cuda_peak_mb") else
+                              (run["peak_rss_mb"] - run["rss_start_mb"]) if run.get("rss_start_mb") else None),
         "padded_fraction": 1.0 - sum(x["tokens"] for x in steps) / positions if positions else float("nan"),
         "mean_loss": statistics.fmean(x["loss"] for x in steps) if steps else float("nan"),
         "steps": len(steps),
@@ -349,26 +384,32 @@ def summarize_run(run: dict[str, Any], skip: int = 1) -> dict[str, Any]:
 METRICS = {
     "tokens_per_s": ("non-pad tokens/s", "ratio >= 1.3", "non-pad training tokens per second"),
     "s_per_step": ("s", "", "seconds per optimizer step (median)"),
-    "peak_memory_mb": ("MiB", "ratio <= 0.8", "peak memory of the training loop"),
+    "peak_memory_mb": ("MiB", "ratio <= 0.8", "peak memory of the training loop (RSS, or CUDA)"),
+    "peak_increment_mb": ("MiB", "", "peak RSS growth over the RSS at train start"),
     "padded_fraction": ("fraction", "", "padded positions / all positions"),
     "mean_loss": ("nats/token", "", "mean of the per-step losses"),
 }
 
 
-def compare(runs: list[dict[str, Any]], skip: int = 1, group_by_length: bool = False) -> dict[str, Any]:
-    """Medians per side and per-pair ratios (lit-recover / reference) of every metric."""
-    by_side = {side: [summarize_run(r, skip) for r in runs if r["side"] == side] for side in SIDES}
-    pairs = list(zip(by_side["reference"], by_side["lit"]))
+def compare(runs: list[dict[str, Any]], skip: int = 1, group_by_length: bool = False,
+            arms: tuple[str, str] = SIDES) -> dict[str, Any]:
+    """Medians per arm and per-pair ratios (second arm / first arm) of every metric.
+
+    The arms are ``("reference", "lit")`` for the main comparison, ``("off", "on")`` for a lever.
+    """
+    base, cand = arms
+    by_arm = {arm: [summarize_run(r, skip) for r in runs if r["arm"] == arm] for arm in arms}
+    pairs = list(zip(by_arm[base], by_arm[cand]))
     table: dict[str, Any] = {}
     for metric, (unit, goal, desc) in METRICS.items():
-        ref = [x[metric] for x in by_side["reference"]]
-        lit = [x[metric] for x in by_side["lit"]]
-        ratios = [b[metric] / a[metric] for a, b in pairs if a[metric]]
+        ref = [x[metric] for x in by_arm[base]]
+        lit = [x[metric] for x in by_arm[cand]]
+        ratios = [b[metric] / a[metric] for a, b in pairs if a[metric] and b[metric] is not None]
         table[metric] = {
             "unit": unit, "description": desc,
             "reference": ref, "lit": lit,
-            "reference_median": statistics.median(ref) if ref else None,
-            "lit_median": statistics.median(lit) if lit else None,
+            "reference_median": _median(ref),
+            "lit_median": _median(lit),
             "pair_ratios": ratios,
             "ratio_median": statistics.median(ratios) if ratios else None,
             "goal": goal,
@@ -380,34 +421,39 @@ def compare(runs: list[dict[str, Any]], skip: int = 1, group_by_length: bool = F
     }
     if group_by_length:
         goals["padded_fraction"] = _ok(table["padded_fraction"]["lit_median"], lambda v: v <= 0.10)
-    table["loss_check"] = loss_check(runs)
-    return {"metrics": table, "goals_met": goals}
+    table["loss_check"] = loss_check(runs, arms)
+    return {"arms": list(arms), "metrics": table, "goals_met": goals}
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 def _ok(value, test) -> bool | None:
     return None if value is None else bool(test(value))
 
 
-def loss_check(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def loss_check(runs: list[dict[str, Any]], arms: tuple[str, str] = SIDES) -> dict[str, Any]:
     """Do the two sides' loss curves agree within the run-to-run noise of the data order?
 
     Each run's per-step losses are pooled per side; the difference of the side means is compared
     with twice its standard error. With ``sequential`` order both sides see the same batches, and the
     per-step differences themselves are reported.
     """
-    curves = {side: [[x["loss"] for x in r["steps"]] for r in runs if r["side"] == side] for side in SIDES}
-    pooled = {side: [v for c in cs for v in c] for side, cs in curves.items()}
+    curves = {arm: [[x["loss"] for x in r["steps"]] for r in runs if r["arm"] == arm] for arm in arms}
+    pooled = {arm: [v for c in cs for v in c] for arm, cs in curves.items()}
     out: dict[str, Any] = {"curves": curves}
     if all(len(v) >= 2 for v in pooled.values()):
-        means = {s: statistics.fmean(v) for s, v in pooled.items()}
+        means = [statistics.fmean(pooled[a]) for a in arms]
         se = sum(statistics.variance(v) / len(v) for v in pooled.values()) ** 0.5
         out.update({
-            "mean_reference": means["reference"], "mean_lit": means["lit"],
-            "difference": means["lit"] - means["reference"], "two_standard_errors": 2 * se,
-            "within_noise": abs(means["lit"] - means["reference"]) <= 2 * se,
+            "mean_first": means[0], "mean_second": means[1],
+            "difference": means[1] - means[0], "two_standard_errors": 2 * se,
+            "within_noise": abs(means[1] - means[0]) <= 2 * se,
         })
     stepwise = [
-        abs(a - b) for ref, lit in zip(curves["reference"], curves["lit"]) for a, b in zip(ref, lit)
+        abs(a - b) for first, second in zip(*(curves[a] for a in arms)) for a, b in zip(first, second)
     ]
     if stepwise:
         out["max_abs_stepwise_difference"] = max(stepwise)
@@ -482,22 +528,37 @@ def run_worker(side: str, s: FitSettings, workdir: Path, index: int, timeout: fl
     return result
 
 
-def run_scenario(name: str, s: FitSettings, pairs: int, workdir: Path, skip: int, timeout: float,
-                 order: tuple[str, ...] = SIDES) -> dict[str, Any]:
+def run_scenario(name: str, arms: list[tuple[str, str, FitSettings]], pairs: int, workdir: Path, skip: int,
+                 timeout: float) -> dict[str, Any]:
+    """``pairs`` × the arms ``(label, side, settings)``, alternating: A B A B …"""
     runs = []
     for p in range(pairs):
-        for side in order:
+        for label, side, s in arms:
             t0, load = time.perf_counter(), os.getloadavg()
             r = run_worker(side, s, workdir, len(runs), timeout)
-            r["pair"] = p
-            r["load_avg_start"] = load
+            r.update({"pair": p, "arm": label, "load_avg_start": load})
             runs.append(r)
             sm = summarize_run(r, skip)
-            print(f"  [{name}] pair {p + 1}/{pairs} {side:9s}: {sm['tokens_per_s']:8.1f} tok/s, "
+            print(f"  [{name}] pair {p + 1}/{pairs} {label:9s}: {sm['tokens_per_s']:8.1f} tok/s, "
                   f"{sm['s_per_step']:6.2f} s/step, peak {sm['peak_memory_mb']:7.0f} MiB, "
                   f"pad {sm['padded_fraction']:.3f}, loss {sm['mean_loss']:.4f} ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
-    return {"settings": dataclasses.asdict(s), "runs": runs, **compare(runs, skip, s.group_by_length)}
+    settings = {label: _public_settings(s) for label, _, s in arms}
+    first = arms[0][2]
+    out = compare(runs, skip, first.group_by_length, (arms[0][0], arms[1][0]))
+    if arms[0][1] == arms[1][1]:  # a lever (lit-recover on both arms): the goals are about the reference
+        out["goals_met"] = {}
+        for row in out["metrics"].values():
+            if "goal" in row:
+                row["goal"] = ""
+    return {"settings": settings, "runs": runs, **out}
+
+
+def _public_settings(s: FitSettings) -> dict[str, Any]:
+    """Settings for the report, paths shown by file name only (they lie in a temporary folder)."""
+    d = dataclasses.asdict(s)
+    d["model"], d["data"] = Path(s.model).name, Path(s.data).name
+    return d
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -513,17 +574,21 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Training benchmark: `{report['tag']}`", "",
              f"Command: `{report['command']}`", "",
              "Hardware: " + ", ".join(f"{k} {v}" for k, v in report["hardware"].items()), "",
-             f"Load average before/after: {report['load_avg_start']} / {report['load_avg_end']}", ""]
+             f"Load average (1/5/15 min) before/after: {_loads(report['load_avg_start'])} / "
+             f"{_loads(report['load_avg_end'])}; {report['examples']} records drawn from the data file "
+             f"(seed 0); the first {report['skip']} step(s) of each run untimed.", ""]
     for name, sc in report["scenarios"].items():
-        s = sc["settings"]
-        lines += [f"## {name}", "",
-                  f"{len(sc['runs']) // 2} pairs, {s['steps']} optimizer steps per run, batch {s['batch_size']} "
+        base, cand = sc["arms"]
+        s = sc["settings"][base]
+        extra = {a: " ".join(sc["settings"][a]["lit_args"]) for a in sc["arms"] if sc["settings"][a]["lit_args"]}
+        lines += [f"## {name}", "", sc.get("description", ""), "",
+                  f"{len(sc['runs']) // 2} pair(s), {s['steps']} optimizer steps per run, batch {s['batch_size']} "
                   f"(micro {s['micro_batch_size']}), cutoff {s['cutoff_len']}, group_by_length "
                   f"{s['group_by_length']}, lr {s['learning_rate']}, warm-up {s['warmup_steps']}, LoRA r "
-                  f"{s['lora_r']}/alpha {s['lora_alpha']}/dropout {s['lora_dropout']}, first {report['skip']} "
-                  f"step(s) of each run untimed" + (f"; lit-recover extra args: `{' '.join(s['lit_args'])}`"
-                                                    if s["lit_args"] else ""), "",
-                  "| metric | unit | reference (median) | lit-recover (median) | lit/ref (median of pairs) "
+                  f"{s['lora_r']}/alpha {s['lora_alpha']}/dropout {s['lora_dropout']}, torch threads "
+                  f"{s['threads'] or 'default'}, model `{s['model']}`"
+                  + "".join(f"; {a} extra args `{v}`" for a, v in extra.items()), "",
+                  f"| metric | unit | {base} (median) | {cand} (median) | {cand}/{base} (median of pairs) "
                   "| per-pair ratios | goal | met |",
                   "|---|---|---|---|---|---|---|---|"]
         for metric, row in sc["metrics"].items():
@@ -538,12 +603,12 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
         if "difference" in lc:
             lines.append(
-                f"Loss curves: mean per-step loss reference {lc['mean_reference']:.4f}, lit-recover {lc['mean_lit']:.4f}; "
+                f"Loss curves: mean per-step loss {base} {lc['mean_first']:.4f}, {cand} {lc['mean_second']:.4f}; "
                 f"difference {lc['difference']:+.4f} vs 2 standard errors {lc['two_standard_errors']:.4f} → "
                 f"{'within noise' if lc['within_noise'] else 'NOT within noise'}"
-                + (f"; largest step-by-step difference {lc['max_abs_stepwise_difference']:.2e}" if s["sequential"] else "")
-                + ".")
-        lines += ["", "| step | " + " | ".join(f"{r['side']} #{r['pair'] + 1}" for r in sc["runs"]) + " |",
+                + (f"; largest step-by-step difference {lc['max_abs_stepwise_difference']:.2e} (same batches)"
+                   if s["sequential"] else "") + ".")
+        lines += ["", "| step | " + " | ".join(f"{r['arm']} #{r['pair'] + 1}" for r in sc["runs"]) + " |",
                   "|---|" + "---|" * len(sc["runs"])]
         n = max(len(r["steps"]) for r in sc["runs"])
         for i in range(n):
@@ -553,14 +618,54 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _loads(v: Any) -> str:
+    return "/".join(f"{x:.1f}" for x in v)
+
+
+SCENARIOS = {
+    "defaults": "The seed's defaults (random order), both sides.",
+    "group_by_length": "Length-grouped sampling on both sides.",
+    "sequential": "Both sides in the file's order with LoRA dropout 0: the same batches, so the per-step "
+                  "losses must agree (the math check).",
+}
+
+_FUSED_ADAMW = ('{"class_path": "torch.optim.AdamW", "init_args": {"lr": %s, "weight_decay": 0.0, '
+                '"fused": true}}')
+
+# lever -> (what it is, settings with the lever off, settings with it on); lit-recover on both arms
+LEVERS: dict[str, tuple[str, Any, Any]] = {
+    "supervised_logits": (
+        "LM head + cross-entropy only on positions whose label is not -100 (off: over every position, "
+        "as LlamaForCausalLM(labels=...) does)",
+        lambda s: dataclasses.replace(s, full_logits=True), lambda s: s),
+    "sdpa": (
+        "SDPA attention kernel (off: eager attention)",
+        lambda s: dataclasses.replace(s, lit_args=[*s.lit_args, "--model.attn_implementation", "eager"]),
+        lambda s: dataclasses.replace(s, lit_args=[*s.lit_args, "--model.attn_implementation", "sdpa"])),
+    "fused_adamw": (
+        "torch.optim.AdamW(fused=True) (off: the default foreach AdamW)",
+        lambda s: s,
+        lambda s: dataclasses.replace(s, lit_args=[*s.lit_args, "--model.optimizer",
+                                                   _FUSED_ADAMW % s.learning_rate])),
+    "loader_worker": (
+        "one DataLoader worker process (off: batches collated in the training process)",
+        lambda s: s, lambda s: dataclasses.replace(s, lit_args=[*s.lit_args, "--data.num_workers", "1"])),
+    "group_by_length": (
+        "length-grouped sampling (off: random order)",
+        lambda s: dataclasses.replace(s, group_by_length=False),
+        lambda s: dataclasses.replace(s, group_by_length=True)),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a tiny pruned model built on the fly; a few minutes")
     p.add_argument("--model", help="pruned pickle (default: the tiny model with --quick)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="Alpaca JSON (default ../shared/data/alpaca/alpaca_data_cleaned.json)")
-    p.add_argument("--examples", type=int, default=None, help="records drawn from --data (default: enough for every step)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 12; 4 with --quick)")
-    p.add_argument("--pairs", type=int, default=2, help="reference/lit-recover run pairs per scenario")
+    p.add_argument("--examples", type=int, default=None,
+                   help="records drawn from --data (default: 4000, 256 with --quick: enough for HF's 50x megabatches)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 8; 4 with --quick)")
+    p.add_argument("--pairs", type=int, default=2, help="run pairs per scenario")
     p.add_argument("--batch-size", type=int, default=None, help="examples per optimizer step (default 16; 8 with --quick)")
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--cutoff-len", type=int, default=256)
@@ -568,7 +673,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--scenarios", default="defaults,group_by_length",
-                   help="comma-separated: defaults, group_by_length, sequential (same batches, dropout 0: loss check)")
+                   help=f"comma-separated reference-vs-lit scenarios ({', '.join(SCENARIOS)}), or empty")
+    p.add_argument("--levers", default="",
+                   help=f"comma-separated lit-recover levers to toggle, off vs on ({', '.join(LEVERS)})")
     p.add_argument("--skip", type=int, default=1, help="untimed first steps of each run")
     p.add_argument("--threads", type=int, default=None, help="torch threads in both sides (default: torch's)")
     p.add_argument("--lit-arg", action="append", default=[], help="extra main.py fit argument for lit-recover (repeatable)")
@@ -582,14 +689,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _names(text: str, known: dict[str, Any], what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        if n not in known:
+            raise SystemExit(f"error: unknown {what} {n!r} (choose from {', '.join(known)})")
+    return names
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
     if args.worker:
         worker_main(args.worker, Path(args.settings), Path(args.result))
         return None
-    steps = args.steps or (4 if args.quick else 12)
+    scenarios, levers = _names(args.scenarios, SCENARIOS, "scenario"), _names(args.levers, LEVERS, "lever")
+    steps = args.steps or (4 if args.quick else 8)
     batch = args.batch_size or (8 if args.quick else 16)
-    examples = args.examples or steps * batch
+    examples = args.examples or (256 if args.quick else 4000)
     command = "python benchmarks/bench_fit.py " + " ".join(sys.argv[1:] if argv is None else argv)
     tag = args.tag or ("perf_fit_quick" if args.quick else "perf_fit")
     with tempfile.TemporaryDirectory(prefix="bench-fit-") as tmp:
@@ -617,11 +733,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         report: dict[str, Any] = {"tag": tag, "command": command, "hardware": hardware(), "skip": args.skip,
                                   "examples": examples, "load_avg_start": os.getloadavg(), "scenarios": {},
                                   "units": {m: u for m, (u, _, _) in METRICS.items()}}
-        for name in [n.strip() for n in args.scenarios.split(",") if n.strip()]:
-            if name not in variants:
-                raise SystemExit(f"error: unknown scenario {name!r} (choose from {', '.join(variants)})")
+        plan = [(name, SCENARIOS[name], [("reference", "reference", variants[name]), ("lit", "lit", variants[name])])
+                for name in scenarios]
+        plan += [(f"lever {name}", LEVERS[name][0], [("off", "lit", LEVERS[name][1](base)),
+                                                       ("on", "lit", LEVERS[name][2](base))])
+                 for name in levers]
+        for name, description, arms in plan:
             print(f"scenario {name}:", flush=True)
-            report["scenarios"][name] = run_scenario(name, variants[name], args.pairs, workdir, args.skip, args.timeout)
+            result = run_scenario(name, arms, args.pairs, workdir, args.skip, args.timeout)
+            report["scenarios"][name] = {"description": description, **result}
         report["load_avg_end"] = os.getloadavg()
     text = markdown(report)
     print(text)

@@ -77,7 +77,7 @@ class ReferenceConfig:
         train_on_inputs: also train on the prompt tokens.
         add_eos_token: the recipe's flag for the prompt-length correction (see ``tokenize_record``).
         group_by_length: length-grouped sampling.
-        sequential: keep the data order (no sampler shuffle): for comparing losses step by step.
+        sequential: keep the file's order (no shuffle, no sampler shuffle): for comparing losses step by step.
         warmup_steps: linear warm-up steps.
         logging_steps: log the loss every N steps.
         seed: seed of the data shuffle, the sampler and the LoRA initialisation.
@@ -187,10 +187,13 @@ def load_data(tokenizer, cfg: ReferenceConfig):
     def tokenize(record: dict[str, Any]) -> dict[str, list[int]]:
         return tokenize_record(tokenizer, record, cfg.cutoff_len, cfg.train_on_inputs, cfg.add_eos_token)
 
+    def shuffled(table):
+        return table if cfg.sequential else table.shuffle(seed=cfg.seed)
+
     if cfg.val_set_size > 0:
         split = data.train_test_split(test_size=cfg.val_set_size, shuffle=True, seed=42)
-        return split["train"].shuffle(seed=cfg.seed).map(tokenize), split["test"].shuffle(seed=cfg.seed).map(tokenize)
-    return data.shuffle(seed=cfg.seed).map(tokenize), None
+        return shuffled(split["train"]).map(tokenize), shuffled(split["test"]).map(tokenize)
+    return shuffled(data).map(tokenize), None
 
 
 def training_arguments(cfg: ReferenceConfig):
