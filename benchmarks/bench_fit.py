@@ -72,6 +72,8 @@ class FitSettings:
         lit_args: extra ``main.py fit`` arguments for the lit-recover side (levers to toggle).
         full_logits: lit-recover computes the LM head and cross-entropy over every position, as the
             reference does (turns the supervised-positions-only lever off, for measuring it).
+        padding_free: lit-recover packs each micro-batch into one row with per-sequence position ids
+            (a proposed lever: no compute on padding, the same loss).
     """
 
     model: str
@@ -91,6 +93,7 @@ class FitSettings:
     threads: int | None = None
     lit_args: list[str] = field(default_factory=list)
     full_logits: bool = False
+    padding_free: bool = False
 
 
 # --- measuring, inside a worker process ----------------------------------------------------------
@@ -295,6 +298,42 @@ def _full_logits_loss(pl_module):
     return loss
 
 
+def pack_features(features, pad_id: int = 0) -> dict[str, Any]:
+    """A micro-batch as one row without padding: sequences back to back, positions restarting at 0.
+
+    With ``position_ids`` and no attention mask, transformers (>= 4.53) builds a block-causal mask,
+    so no token attends across sequences; the first label of every sequence is ignored, so no token
+    is predicted from the previous sequence. The loss equals that of the padded micro-batch.
+    """
+    import torch
+
+    ids, labels, positions = [], [], []
+    for f in features:
+        n = len(f["input_ids"])
+        ids += list(f["input_ids"])
+        labels += [IGNORE_INDEX, *list(f["labels"])[1:]]
+        positions += range(n)
+    as_row = lambda v: torch.tensor([v], dtype=torch.long)  # noqa: E731
+    return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(positions)}
+
+
+def _packed_loss(pl_module):
+    """``supervised_loss`` for packed rows: passes the position ids to the decoder."""
+    import torch.nn.functional as F
+
+    def loss(batch):
+        hidden = pl_module.backbone(
+            input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
+            attention_mask=batch.get("attention_mask"), use_cache=False,
+        ).last_hidden_state
+        labels = batch["labels"][:, 1:]
+        keep = labels != IGNORE_INDEX
+        logits = pl_module.lm_head(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), labels[keep]), int(keep.sum())
+
+    return loss
+
+
 def run_lit_worker(s: FitSettings, workdir: Path) -> dict[str, Any]:
     """lit-recover's ``main.py fit`` (the RecoveryCLI) with the meter attached as a callback."""
     import lightning as L
@@ -312,6 +351,8 @@ def run_lit_worker(s: FitSettings, workdir: Path) -> dict[str, Any]:
             original_init(self, *args, **{**kwargs, "shuffle": False})
 
         data_module.ShardedBatchSampler.__init__ = unshuffled_init
+    if s.padding_free:
+        data_module.PadCollator.__call__ = lambda self, features: pack_features(features, self.pad_id)
 
     class Meter(L.Callback):
         def on_train_start(self, trainer, pl_module) -> None:
@@ -327,6 +368,8 @@ def run_lit_worker(s: FitSettings, workdir: Path) -> dict[str, Any]:
 
             if s.full_logits:
                 original = _full_logits_loss(pl_module)
+            elif s.padding_free:
+                original = _packed_loss(pl_module)
             pl_module.supervised_loss = supervised_loss
             trainer.optimizers[0].register_step_post_hook(meter.optimizer_step_hook)
             meter.start()
@@ -625,6 +668,8 @@ def _loads(v: Any) -> str:
 SCENARIOS = {
     "defaults": "The seed's defaults (random order), both sides.",
     "group_by_length": "Length-grouped sampling on both sides.",
+    "padding_free": "The seed's defaults; lit-recover with padding-free micro-batches (a proposed change, "
+                    "applied by the benchmark).",
     "sequential": "Both sides in the file's order with LoRA dropout 0: the same batches, so the per-step "
                   "losses must agree (the math check).",
 }
@@ -650,6 +695,10 @@ LEVERS: dict[str, tuple[str, Any, Any]] = {
     "loader_worker": (
         "one DataLoader worker process (off: batches collated in the training process)",
         lambda s: s, lambda s: dataclasses.replace(s, lit_args=[*s.lit_args, "--data.num_workers", "1"])),
+    "padding_free": (
+        "padding-free micro-batches: one packed row per micro-batch, block-causal attention from the "
+        "position ids (off: padded to the longest sequence)",
+        lambda s: s, lambda s: dataclasses.replace(s, padding_free=True)),
     "group_by_length": (
         "length-grouped sampling (off: random order)",
         lambda s: dataclasses.replace(s, group_by_length=False),
@@ -729,11 +778,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             "defaults": base,
             "group_by_length": dataclasses.replace(base, group_by_length=True),
             "sequential": dataclasses.replace(base, sequential=True, lora_dropout=0.0),
+            "padding_free": base,
         }
         report: dict[str, Any] = {"tag": tag, "command": command, "hardware": hardware(), "skip": args.skip,
                                   "examples": examples, "load_avg_start": os.getloadavg(), "scenarios": {},
                                   "units": {m: u for m, (u, _, _) in METRICS.items()}}
-        plan = [(name, SCENARIOS[name], [("reference", "reference", variants[name]), ("lit", "lit", variants[name])])
+        plan = [(name, SCENARIOS[name], [("reference", "reference", variants[name]),
+                                         ("lit", "lit", dataclasses.replace(variants[name],
+                                                                            padding_free=name == "padding_free"))])
                 for name in scenarios]
         plan += [(f"lever {name}", LEVERS[name][0], [("off", "lit", LEVERS[name][1](base)),
                                                        ("on", "lit", LEVERS[name][2](base))])
