@@ -732,6 +732,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(RESULTS), help="results folder")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     p.add_argument("--no-write", action="store_true", help="print the table only")
+    p.add_argument("--overwrite", action="store_true", help="replace results of the same --tag")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--settings", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -751,12 +752,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.worker:
         worker_main(args.worker, Path(args.settings), Path(args.result))
         return None
-    scenarios, levers = _names(args.scenarios, SCENARIOS, "scenario"), _names(args.levers, LEVERS, "lever")
     steps = args.steps or (4 if args.quick else 8)
     batch = args.batch_size or (8 if args.quick else 16)
     examples = args.examples or (256 if args.quick else 4000)
     command = "python benchmarks/bench_fit.py " + " ".join(sys.argv[1:] if argv is None else argv)
     tag = args.tag or ("perf_fit_quick" if args.quick else "perf_fit")
+    out = Path(args.out)
+    if not args.no_write and not args.overwrite and any((out / f"{tag}.{ext}").exists() for ext in ("json", "md")):
+        # never replace earlier results silently: this run gets its own name
+        tag = f"{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
+        print(f"{out}: earlier results kept; this run writes {tag}.json/.md (--overwrite replaces them)")
+    scenarios, levers = _names(args.scenarios, SCENARIOS, "scenario"), _names(args.levers, LEVERS, "lever")
     with tempfile.TemporaryDirectory(prefix="bench-fit-") as tmp:
         workdir = Path(tmp)
         model = args.model
@@ -798,7 +804,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     text = markdown(report)
     print(text)
     if not args.no_write:
-        out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{tag}.json").write_text(json.dumps(report, indent=1))
         (out / f"{tag}.md").write_text(text + "\n")

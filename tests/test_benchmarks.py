@@ -165,3 +165,13 @@ def test_packed_micro_batch_gives_the_padded_loss(bench, tiny_model_and_tokenize
         (a, n_a), (b, n_b) = loss(PadCollator(0)(features)), loss(packed)
     assert n_a == n_b == sum(n - 3 for n in (7, 12, 5, 9))
     assert float(a) == pytest.approx(float(b), abs=1e-5)
+
+
+def test_earlier_results_are_not_overwritten(bench, tmp_path, capsys):
+    fit, _ = bench
+    for ext in ("json", "md"):
+        (tmp_path / f"perf_x.{ext}").write_text("earlier")
+    with pytest.raises(SystemExit):  # stops at the unknown scenario, after choosing the file name
+        fit.main(["--quick", "--scenarios", "nope", "--out", str(tmp_path), "--tag", "perf_x"])
+    assert "earlier results kept" in capsys.readouterr().out
+    assert (tmp_path / "perf_x.json").read_text() == "earlier"
