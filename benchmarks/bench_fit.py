@@ -699,6 +699,10 @@ LEVERS: dict[str, tuple[str, Any, Any]] = {
         "padding-free micro-batches: one packed row per micro-batch, block-causal attention from the "
         "position ids (off: padded to the longest sequence)",
         lambda s: s, lambda s: dataclasses.replace(s, padding_free=True)),
+    "gradient_checkpointing": (
+        "activation checkpointing of the decoder layers (recomputed in the backward pass)",
+        lambda s: s,
+        lambda s: dataclasses.replace(s, lit_args=[*s.lit_args, "--model.gradient_checkpointing", "true"])),
     "group_by_length": (
         "length-grouped sampling (off: random order)",
         lambda s: dataclasses.replace(s, group_by_length=False),
