@@ -670,6 +670,10 @@ SCENARIOS = {
     "group_by_length": "Length-grouped sampling on both sides.",
     "padding_free": "The seed's defaults; lit-recover with padding-free micro-batches (a proposed change, "
                     "applied by the benchmark).",
+    "same_batches": "The seed's defaults, both sides in the order of the drawn records (a random order): the "
+                    "same micro-batches on both sides, so memory and speed compare like for like.",
+    "same_batches_padding_free": "As same_batches, lit-recover with padding-free micro-batches (a proposed "
+                                 "change, applied by the benchmark).",
     "sequential": "Both sides in the file's order with LoRA dropout 0: the same batches, so the per-step "
                   "losses must agree (the math check).",
 }
@@ -789,13 +793,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             "group_by_length": dataclasses.replace(base, group_by_length=True),
             "sequential": dataclasses.replace(base, sequential=True, lora_dropout=0.0),
             "padding_free": base,
+            "same_batches": dataclasses.replace(base, sequential=True),
+            "same_batches_padding_free": dataclasses.replace(base, sequential=True),
         }
         report: dict[str, Any] = {"tag": tag, "command": command, "hardware": hardware(), "skip": args.skip,
                                   "examples": examples, "load_avg_start": os.getloadavg(), "scenarios": {},
                                   "units": {m: u for m, (u, _, _) in METRICS.items()}}
         plan = [(name, SCENARIOS[name], [("reference", "reference", variants[name]),
                                          ("lit", "lit", dataclasses.replace(variants[name],
-                                                                            padding_free=name == "padding_free"))])
+                                                                            padding_free=name.endswith("padding_free")))])
                 for name in scenarios]
         plan += [(f"lever {name}", LEVERS[name][0], [("off", "lit", LEVERS[name][1](base)),
                                                        ("on", "lit", LEVERS[name][2](base))])
