@@ -126,6 +126,7 @@ class StepMeter:
         self.peak_rss_reset = False
         self.cuda_peak_mb: float | None = None
         self._last: float | None = None
+        self._last_cpu: float | None = None
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -143,6 +144,7 @@ class StepMeter:
             torch.cuda.reset_peak_memory_stats()
         self._reset_window()
         self._last = time.perf_counter()
+        self._last_cpu = time.process_time()
 
     def finish(self) -> None:
         import torch
@@ -179,18 +181,20 @@ class StepMeter:
 
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         rss = _status_kib("VmRSS")
         self.steps.append({
             "step": len(self.steps) + 1,
             "seconds": now - (self._last if self._last is not None else now),
+            # CPU time of the whole process (all its threads): what the step cost, whatever else ran
+            "cpu_seconds": cpu - (self._last_cpu if self._last_cpu is not None else cpu),
             "tokens": self._tokens,
             "positions": self._positions,
             "supervised": self._supervised,
             "loss": self._nll_sum / self._supervised if self._supervised else float("nan"),
             "rss_mb": rss / 1024 if rss is not None else float("nan"),
         })
-        self._last = now
+        self._last, self._last_cpu = now, cpu
         self._reset_window()
 
     def result(self) -> dict[str, Any]:
@@ -409,8 +413,10 @@ def summarize_run(run: dict[str, Any], skip: int = 1) -> dict[str, Any]:
     tokens = sum(x["tokens"] for x in timed)
     positions = sum(x["positions"] for x in steps)
     memory = run.get("cuda_peak_mb") or run.get("peak_rss_mb")
+    cpu = sum(x.get("cpu_seconds", 0.0) for x in timed)
     return {
         "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
+        "tokens_per_cpu_s": tokens / cpu if cpu > 0 else None,
         "supervised_tokens_per_s": sum(x["supervised"] for x in timed) / seconds if seconds > 0 else float("nan"),
         "s_per_step": statistics.median(x["seconds"] for x in timed) if timed else float("nan"),
         "peak_memory_mb": memory,
@@ -426,6 +432,7 @@ def summarize_run(run: dict[str, Any], skip: int = 1) -> dict[str, Any]:
 # metric -> (unit, goal on the lit/reference ratio or on lit's value, description)
 METRICS = {
     "tokens_per_s": ("non-pad tokens/s", "ratio >= 1.3", "non-pad training tokens per second"),
+    "tokens_per_cpu_s": ("non-pad tokens/CPU-s", "", "non-pad training tokens per CPU-second of the process"),
     "s_per_step": ("s", "", "seconds per optimizer step (median)"),
     "peak_memory_mb": ("MiB", "ratio <= 0.8", "peak memory of the training loop (RSS, or CUDA)"),
     "peak_increment_mb": ("MiB", "", "peak RSS growth over the RSS at train start"),
@@ -714,6 +721,27 @@ LEVERS: dict[str, tuple[str, Any, Any]] = {
 }
 
 
+def render(path: Path) -> dict[str, Any]:
+    """Recompute every scenario's summary from the runs' per-step data; rewrite the JSON and markdown."""
+    report = json.loads(path.read_text())
+    for sc in report["scenarios"].values():
+        arms = tuple(sc["arms"])
+        first = sc["settings"][arms[0]]
+        out = compare(sc["runs"], report["skip"], first["group_by_length"], arms)
+        if sc["runs"][0]["side"] == sc["runs"][1]["side"]:  # a lever
+            out["goals_met"] = {}
+            for row in out["metrics"].values():
+                if "goal" in row:
+                    row["goal"] = ""
+        sc.update(out)
+    report["units"] = {m: u for m, (u, _, _) in METRICS.items()}
+    text = markdown(report)
+    path.write_text(json.dumps(report, indent=1))
+    path.with_suffix(".md").write_text(text + "\n")
+    print(text)
+    return report
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a tiny pruned model built on the fly; a few minutes")
@@ -741,6 +769,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     p.add_argument("--no-write", action="store_true", help="print the table only")
     p.add_argument("--overwrite", action="store_true", help="replace results of the same --tag")
+    p.add_argument("--render", metavar="JSON", help="recompute the tables of a results JSON from its per-step data and rewrite it")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--settings", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -760,6 +789,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.worker:
         worker_main(args.worker, Path(args.settings), Path(args.result))
         return None
+    if args.render:
+        return render(Path(args.render))
     steps = args.steps or (4 if args.quick else 8)
     batch = args.batch_size or (8 if args.quick else 16)
     examples = args.examples or (256 if args.quick else 4000)
