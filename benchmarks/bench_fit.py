@@ -381,7 +381,16 @@ def run_lit_worker(s: FitSettings, workdir: Path) -> dict[str, Any]:
         def on_train_end(self, trainer, pl_module) -> None:
             meter.finish()
 
-    RecoveryCLI(args=lit_cli_args(s, workdir / "lit"), trainer_defaults={"max_epochs": 2, "callbacks": [Meter()]})
+    try:
+        RecoveryCLI(args=lit_cli_args(s, workdir / "lit"), trainer_defaults={"max_epochs": 2, "callbacks": [Meter()]})
+    except Exception as exc:
+        if meter.peak_rss_mb is None:  # training itself failed
+            raise
+        # training finished and was measured; the end-of-fit outputs (merge, save) failed: keep the
+        # numbers and say what failed
+        result = meter.result()
+        result["post_fit_error"] = f"{type(exc).__name__}: {exc}"
+        return result
     return meter.result()
 
 
