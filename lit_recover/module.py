@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from lit_recover.distributed import ShardedModel, gather_merged, gather_trainable, shard_lora_model
 from lit_recover.model_io import load_pruned
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,22 @@ def _split_modules(value: list[str] | str) -> list[str]:
         value = value.strip().strip("[]")
         return [v.strip().strip("'\"") for v in value.split(",") if v.strip()]
     return list(value)
+
+
+def _drop_checkpointing_settings(model: torch.nn.Module) -> None:
+    """Undo what gradient checkpointing set on a model before it is saved for inference.
+
+    transformers and PEFT each register an embedding hook that makes its output require grad (a
+    local function: the pickle of the model would fail) and keep a handle to the last one only, so
+    the hooks are found by name.
+    """
+    embeddings = model.get_input_embeddings()
+    for key, hook in list(embeddings._forward_hooks.items()):
+        if getattr(hook, "__name__", "").startswith("make_inputs_require_grad"):
+            del embeddings._forward_hooks[key]
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()
+    model.config.use_cache = True
 
 
 class LoRARecoveryModule(L.LightningModule):
@@ -113,6 +130,7 @@ class LoRARecoveryModule(L.LightningModule):
         self._step_started: float | None = None
         self._tokens_in_step = 0
         self.skipped_batches = 0
+        self._sharded: ShardedModel | None = None  # set by configure_model under FSDP2
         self._log_parameter_counts()
 
     # --- setup -----------------------------------------------------------------------------
@@ -155,6 +173,13 @@ class LoRARecoveryModule(L.LightningModule):
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
         return trainable, total
+
+    @override
+    def configure_model(self) -> None:
+        # FSDP2 (ModelParallelStrategy gives the module a device mesh): shard once; nothing otherwise
+        if self._device_mesh is not None and self._sharded is None:
+            reshard = getattr(self._trainer.strategy, "reshard_after_forward", True) if self._trainer else True
+            self._sharded = shard_lora_model(self.model, self._device_mesh, reshard_after_forward=reshard)
 
     @override
     def on_fit_start(self) -> None:
@@ -279,16 +304,33 @@ class LoRARecoveryModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- outputs -------------------------------------------------------------------------------
-    def save_adapter(self, path: str) -> None:
-        """Write the LoRA adapter with PEFT's ``save_pretrained`` (``PeftModel.from_pretrained`` reads it)."""
-        self.model.save_pretrained(path)
+    def gather_adapter(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP2 the full adapter tensors for ``save_adapter`` (on rank zero; ``{}`` elsewhere),
+        else ``None``. A collective under FSDP2: call it on every rank."""
+        return gather_trainable(self.model) if self._sharded is not None else None
 
-    def merged_model(self) -> torch.nn.Module:
+    def save_adapter(self, path: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the LoRA adapter with PEFT's ``save_pretrained`` (``PeftModel.from_pretrained`` reads it).
+
+        Under FSDP2 pass ``state_dict=self.gather_adapter()`` (gathered on every rank first).
+        """
+        self.model.save_pretrained(path, state_dict=state_dict)
+
+    def merged_model(self) -> torch.nn.Module | None:
         """Fold the LoRA weights into the base weights and return the plain model.
 
         Done in place: afterwards this module holds no adapter any more (the end of fit is the place).
+        Under FSDP2 a collective (call it on every rank): the gathered, merged model on rank zero
+        (on this rank's device), ``None`` on the other ranks.
         """
-        return self.model.merge_and_unload()
+        if self._sharded is not None:
+            merged = gather_merged(self.model, self._sharded)
+            merged = merged.to(self.device) if merged is not None else None
+        else:
+            merged = self.model.merge_and_unload()
+        if merged is not None and self.hparams.gradient_checkpointing:
+            _drop_checkpointing_settings(merged)
+        return merged
 
     # --- checkpoints: the adapter, not the frozen base ----------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
