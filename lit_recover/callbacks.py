@@ -15,6 +15,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lit_recover.distributed import is_sharded, wait_for_rank_zero
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -65,12 +67,12 @@ def resolve_checkpoint(ckpt_path: str | Path, output_dir: str | Path | None = No
         steps = sorted((p for p in out.glob(f"{CHECKPOINT_PREFIX}*") if _step_of(p) >= 0), key=_step_of)
         candidates += steps[::-1]
         for c in candidates:
-            if (c / TRAINER_STATE).is_file():
+            if (c / TRAINER_STATE).exists():  # a file, or a folder of shards (FSDP2)
                 return str(c / TRAINER_STATE)
         raise FileNotFoundError(f"{out}: no checkpoint to resume from (looked for {CHECKPOINT_LAST}/ and checkpoint-<step>/)")
     p = Path(ckpt_path)
     if p.is_dir():
-        if (p / TRAINER_STATE).is_file():
+        if (p / TRAINER_STATE).exists():
             return str(p / TRAINER_STATE)
         raise FileNotFoundError(f"{p}: not a checkpoint folder (no {TRAINER_STATE} inside)")
     if p.is_file():
@@ -113,10 +115,12 @@ class RecoveryCheckpoint(ModelCheckpoint):
             os.makedirs(tmp)
         trainer.strategy.barrier("checkpoint-tmp")
         trainer.save_checkpoint(os.path.join(tmp, TRAINER_STATE), self.save_weights_only)
+        module = trainer.lightning_module
+        # under FSDP2 the adapter is gathered from every rank's shard first (a collective)
+        adapter = module.gather_adapter() if hasattr(module, "gather_adapter") else None
         if trainer.is_global_zero:
-            module = trainer.lightning_module
             if hasattr(module, "save_adapter"):
-                module.save_adapter(tmp)
+                module.save_adapter(tmp, state_dict=adapter)
             replace_dir(tmp, filepath)
         trainer.strategy.barrier("checkpoint-done")
         self._last_global_step_saved = trainer.global_step
@@ -188,24 +192,33 @@ class RecoveryOutputs(Callback):
                 self.before = evaluate_model(
                     pl_module.model, pl_module.tokenizer, self._eval_config(self.before_metrics), label="pruned"
                 )
-        trainer.strategy.barrier("evaluate-before")
+        elif is_sharded(pl_module):
+            # under FSDP2 every forward is a collective: the other ranks run the same evaluation
+            from lit_recover.evaluation.suite import evaluate_model
+
+            with pl_module.model.disable_adapter():
+                evaluate_model(pl_module.model, pl_module.tokenizer, self._eval_config(self.before_metrics), label="pruned")
+        wait_for_rank_zero("evaluate-before")
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # under FSDP2 gathering the adapter and the merged model are collectives: every rank calls them
+        adapter = pl_module.gather_adapter() if hasattr(pl_module, "gather_adapter") else None
         if trainer.is_global_zero:
-            self._write_adapter(pl_module)
+            self._write_adapter(pl_module, adapter)
         # the merge folds the adapter into the base weights in place: after the adapter is saved
         merged = pl_module.merged_model()
         if trainer.is_global_zero:
             self._write_merged(pl_module, merged)
-        trainer.strategy.barrier("recovery-outputs")
+        # rank zero may evaluate for hours: a barrier that outlasts the process group's timeout
+        wait_for_rank_zero("recovery-outputs")
 
-    def _write_adapter(self, pl_module: L.LightningModule) -> None:
+    def _write_adapter(self, pl_module: L.LightningModule, adapter: dict | None = None) -> None:
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / f".{ADAPTER_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        pl_module.save_adapter(tmp)
+        pl_module.save_adapter(tmp, state_dict=adapter)
         pl_module.tokenizer.save_pretrained(tmp)
         replace_dir(tmp, out / ADAPTER_DIR)
         rank_zero_info(f"Saved the LoRA adapter to {out / ADAPTER_DIR}")
