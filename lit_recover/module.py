@@ -238,13 +238,22 @@ class LoRARecoveryModule(L.LightningModule):
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         loss = self._step(batch, "train")
-        if torch.isfinite(loss.detach()).all():
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self._trainer is not None:
+            # one decision for all ranks: a rank that skipped backward (or stopped) alone would leave
+            # the others waiting in the gradient all-reduce
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             return loss
         if self.hparams.nonfinite_loss == "skip":
             # returning None skips backward for this micro-batch; nothing reaches the weights
             self.skipped_batches += 1
             self.log("train/skipped_batches", float(self.skipped_batches))
             log.warning("non-finite loss at step %d (batch %d): skipped", self.global_step, batch_idx)
+            if self.trainer.world_size > 1:
+                # Lightning refuses None from a distributed training step: every rank backpropagates
+                # zeros instead, so the gradient all-reduce runs and adds nothing
+                return sum(p.sum() * 0.0 for p in self.trainable_parameters())
             return None
         raise NonFiniteLossError(
             f"loss is {loss.item()} at optimizer step {self.global_step} (batch {batch_idx}); "

@@ -122,6 +122,11 @@ def recorder(out_dir: Path) -> list[str]:
     return ["--trainer.callbacks+=" + json.dumps(spec)]
 
 
+def nan_once(rank: int, batch_idx: int) -> list[str]:
+    spec = {"class_path": "tests.dist_scripts.nan_once.NaNOnce", "init_args": {"rank": rank, "batch_idx": batch_idx}}
+    return ["--trainer.callbacks+=" + json.dumps(spec)]
+
+
 def load_adapter(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -154,6 +159,15 @@ def files_under(path: Path) -> list[Path]:
 
 
 # --- fixtures --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the launched processes get one each (OMP_NUM_THREADS)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("scale")
@@ -265,7 +279,8 @@ def test_ddp_two_processes_match_one(tiny_pruned_path, setting, reference, tmp_p
 @pytest.mark.slow
 def test_two_nodes_on_localhost(tiny_pruned_path, setting, reference, tmp_path):
     """Two launchers, node rank 0 and 1, one CPU process each; node 1's folder stands for a machine
-    without a shared file system: it must stay empty, so the outputs were written once, by rank 0."""
+    without a shared file system: it must stay empty, so the outputs were written once, by rank 0.
+    Also: length-grouped shards, and a NaN loss on one rank only."""
     port = str(free_port())
     jobs = []
     for node in (0, 1):
@@ -273,7 +288,8 @@ def test_two_nodes_on_localhost(tiny_pruned_path, setting, reference, tmp_path):
         cwd.mkdir()
         argv = [sys.executable, str(MAIN), "fit", "--config", str(CONFIGS / "multinode.yaml"),
                 *fit_args(tiny_pruned_path, setting, "out", "--trainer.num_nodes", "2", "--trainer.devices", "1",
-                          "--data.group_by_length", "true", *recorder(tmp_path / "record"))[1:]]
+                          "--data.group_by_length", "true", *recorder(tmp_path / "record"),
+                          "--model.nonfinite_loss", "skip", *nan_once(rank=1, batch_idx=1))[1:]]
         env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node))
         jobs.append((argv, env, cwd))
     launch(jobs, tmp_path / "logs")
@@ -283,6 +299,11 @@ def test_two_nodes_on_localhost(tiny_pruned_path, setting, reference, tmp_path):
                  "checkpoint-2/lightning.ckpt", "checkpoint-last/lightning.ckpt"):
         assert (out0 / name).is_file(), name
     assert files_under(out1) == []
+    # a NaN loss on rank 1 alone: both ranks skipped that micro-batch together (nobody waited in the
+    # gradient all-reduce for a backward that never came) and the adapter stayed finite
+    for node in (0, 1):
+        assert "non-finite loss at step 0 (batch 1): skipped" in (tmp_path / "logs" / f"job{node}.log").read_text()
+    assert all(torch.isfinite(t).all() for t in load_adapter(out0).values())
     saved = yaml.safe_load((out0 / "config.yaml").read_text())
     assert saved["trainer"]["num_nodes"] == 2 and saved["trainer"]["accumulate_grad_batches"] == 2
 
@@ -349,3 +370,35 @@ def test_fsdp2_two_processes_match_one_and_resume(tiny_pruned_path, setting, ref
     assert full.is_file()
     state = torch.load(full, map_location="cpu", weights_only=False)["state_dict"]
     assert state and all("lora_" in k for k in state)
+
+
+@pytest.mark.slow
+def test_fsdp2_full_checkpoint_resumes_in_one_process(tiny_pruned_path, setting, reference, tmp_path):
+    """FSDP2 on a world of one, in this process: full (single-file) checkpoints save and resume, and
+    the sharded-then-gathered model trains exactly like the plain one."""
+    from main import cli_main
+
+    saved_env = dict(os.environ)  # Lightning's launcher exports MASTER_PORT, LOCAL_RANK, … for its children
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    common = ["fit", "--config", str(CONFIGS / "fsdp.yaml"), "--trainer.strategy.save_distributed_checkpoint", "false"]
+    try:
+        run = tmp_path / "full"
+        cli_main([*common, *fit_args(tiny_pruned_path, setting, run, "--trainer.devices", "1")[1:]])
+        full = run / "checkpoint-2" / "lightning.ckpt"
+        assert full.is_file()
+        ckpt = torch.load(full, map_location="cpu", weights_only=False)
+        assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
+        assert ckpt["optimizer_states"] and ckpt["lr_schedulers"] and ckpt["global_step"] == 2
+        assert_same_adapter(load_adapter(run), load_adapter(reference))
+
+        resumed = tmp_path / "resumed"
+        resumed.mkdir()
+        shutil.copytree(run / "checkpoint-2", resumed / "checkpoint-2")
+        cli_main([*common, *fit_args(tiny_pruned_path, setting, resumed, "--trainer.devices", "1",
+                                     "--ckpt_path", "last")[1:]])
+        assert_same_adapter(load_adapter(resumed), load_adapter(run), atol=1e-6)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved_env)
