@@ -643,8 +643,11 @@ class AlpacaDataModule(L.LightningDataModule):
 
     def _apply_resume(self, sampler: ShardedBatchSampler) -> None:
         if self._resume is not None:
-            sampler.set_epoch(self._resume[0])
-            sampler.set_start_batch(self._resume[1])
+            epoch, consumed = self._resume
+            if consumed >= len(sampler):  # saved at the end of an epoch: the next one starts whole
+                epoch, consumed = epoch + 1, 0
+            sampler.set_epoch(epoch)
+            sampler.set_start_batch(consumed)
 
     def _source(self) -> str:
         return self.data_path

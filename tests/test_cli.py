@@ -128,3 +128,29 @@ def test_fit_writes_all_outputs(tiny_pruned_path, alpaca_json, tmp_path):
     # results are never overwritten silently
     with pytest.raises(SystemExit):
         cli_main(_fit_args(tiny_pruned_path, alpaca_json, out, "--trainer.max_steps", "1"))
+
+
+def _adapter(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "lora_adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("validation", [False, True], ids=["no-val", "val"])
+def test_resume_reproduces_the_straight_run(tiny_pruned_path, alpaca_json, tmp_path, validation):
+    """2N steps straight == N steps, then resume from checkpoint-last for N more (mid-epoch, dropout on)."""
+    extra = ["--data.val_set_size", "6" if validation else "0", "--save_steps", "3",
+             "--model.warmup_steps", "2", "--model.learning_rate", "1e-2", "--data.group_by_length", "true"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cli_main(_fit_args(tiny_pruned_path, alpaca_json, straight, "--trainer.max_steps", "6", *extra))
+    cli_main(_fit_args(tiny_pruned_path, alpaca_json, resumed, "--trainer.max_steps", "6", *extra,
+                       "--trainer.callbacks+=tests.helpers.StopAtStep", "--trainer.callbacks.step=3"))
+    first_half = _adapter(resumed)
+    cli_main(_fit_args(tiny_pruned_path, alpaca_json, resumed, "--trainer.max_steps", "6", "--ckpt_path", "last",
+                       "--overwrite", "true", *extra))
+    a, b = _adapter(straight), _adapter(resumed)
+    assert a.keys() == b.keys()
+    assert any(not torch.allclose(first_half[k], b[k]) for k in a)  # the second half trained
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
