@@ -27,3 +27,20 @@ class PoisonAtStep(L.Callback):
                 for name, p in pl_module.named_parameters():
                     if "lora_B" in name:
                         p.fill_(float("nan"))
+
+
+class NanLossAtBatch(L.Callback):
+    """Make the loss of one micro-batch NaN (the LM head's output), leaving the weights alone."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self._hook = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.batch:
+            self._hook = pl_module.lm_head.register_forward_hook(lambda m, i, out: out * float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None

@@ -74,16 +74,24 @@ def test_missing_checkpoint_is_reported(tiny_pruned_path, alpaca_json, tmp_path,
 
 
 def test_resolve_checkpoint_forms(tmp_path):
-    for step in (2, 10):
+    import os
+
+    for i, step in enumerate((2, 10, 4)):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "lightning.ckpt").write_bytes(b"x")
-    assert resolve_checkpoint("last", tmp_path).endswith("checkpoint-10/lightning.ckpt")
+        os.utime(tmp_path / f"checkpoint-{step}" / "lightning.ckpt", ns=(10**9 * i, 10**9 * i))
+    # no checkpoint-last (a kill mid-swap): the newest complete folder
+    assert resolve_checkpoint("last", tmp_path).endswith("checkpoint-4/lightning.ckpt")
+    (tmp_path / "checkpoint-last").mkdir()
+    (tmp_path / "checkpoint-last" / "lightning.ckpt").write_bytes(b"x")
+    os.utime(tmp_path / "checkpoint-last" / "lightning.ckpt", ns=(0, 0))
+    assert resolve_checkpoint("last", tmp_path).endswith("checkpoint-last/lightning.ckpt")
     assert resolve_checkpoint(tmp_path / "checkpoint-2").endswith("checkpoint-2/lightning.ckpt")
-    (tmp_path / "checkpoint-last.old").mkdir()  # a kill between the two renames of a save
-    (tmp_path / "checkpoint-last.old" / "lightning.ckpt").write_bytes(b"x")
-    assert resolve_checkpoint("last", tmp_path).endswith("checkpoint-last.old/lightning.ckpt")
+    assert resolve_checkpoint(tmp_path / "checkpoint-2" / "lightning.ckpt").endswith("checkpoint-2/lightning.ckpt")
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         resolve_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        resolve_checkpoint(tmp_path / "checkpoint-99")
 
 
 def _fit_args(model, data, out, *extra):
@@ -154,3 +162,27 @@ def test_resume_reproduces_the_straight_run(tiny_pruned_path, alpaca_json, tmp_p
     assert any(not torch.allclose(first_half[k], b[k]) for k in a)  # the second half trained
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_with_step_and_checkpoint(tiny_pruned_path, alpaca_json, tmp_path, capsys):
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit):
+        cli_main(_fit_args(tiny_pruned_path, alpaca_json, out, "--data.val_set_size", "0", "--save_steps", "2",
+                           "--trainer.max_steps", "5", "--trainer.callbacks+=tests.helpers.PoisonAtStep",
+                           "--trainer.callbacks.step=3"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: loss is nan at optimizer step 3")
+    assert "checkpoint-2" in err  # the last good checkpoint is named
+    assert (out / "checkpoint-2" / "lightning.ckpt").is_file() and not (out / "pruned_model.bin").exists()
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_skip_counts_batches(tiny_pruned_path, alpaca_json, tmp_path):
+    out = tmp_path / "skip"
+    cli = cli_main(_fit_args(tiny_pruned_path, alpaca_json, out, "--data.val_set_size", "0", "--trainer.max_steps", "3",
+                             "--model.nonfinite_loss", "skip", "--trainer.callbacks+=tests.helpers.NanLossAtBatch",
+                             "--trainer.callbacks.batch=2"))
+    assert cli.model.skipped_batches == 1
+    assert cli.trainer.global_step == 3
+    assert all(torch.isfinite(t).all() for t in _adapter(out).values())
