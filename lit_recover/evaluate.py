@@ -137,6 +137,8 @@ def _load_model(path: str, device: str, dtype: str):
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here")
     model, tokenizer = load_pruned(path, dtype=None if dtype == "auto" else dtype)
     if dtype == "auto" and torch.device(device).type == "cpu" and next(model.parameters()).dtype == torch.float16:
         log.info("float16 weights on CPU: evaluating in float32 (pass --dtype float16 to keep them)")
@@ -166,6 +168,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from lit_recover.evaluation.report import compare_table, write_results
     from lit_recover.evaluation.suite import evaluate_model, failed_sections
+    from lit_recover.model_io import PrunedModelError
 
     config = _config_from(args)
     # Fail before the long part: an existing output, or a data folder that isn't there.
@@ -175,7 +178,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         value = getattr(config, name)
         if value is not None and not Path(value).is_dir():
             raise FileNotFoundError(f"--{name} {value}: no such folder")
-    model, tokenizer = _load_model(args.model_path, args.device, args.dtype)
+    try:
+        model, tokenizer = _load_model(args.model_path, args.device, args.dtype)
+    except (PrunedModelError, ValueError):
+        raise
+    except Exception as exc:  # transformers' loaders raise all kinds; one line is enough here
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise PrunedModelError(f"{args.model_path}: could not load the model ({type(exc).__name__}: {first})") from exc
     label = args.label or Path(args.model_path).stem
     results = evaluate_model(model, tokenizer, config, label=label, source=args.model_path)
     if args.output:

@@ -61,6 +61,33 @@ def test_cli_all_metrics_on_the_shared_data(tiny_pruned_path, tmp_path, capsys):
     assert m["zero_shot"]["average"]["complete"] is True
 
 
+def test_cli_on_a_hugging_face_folder(tiny_pruned_path, tmp_path, capsys):
+    """An unpruned baseline saved as an HF folder; the pruned pickle's parameter ratio against it."""
+    from lit_recover.tiny import build_tiny_llama, build_tokenizer
+
+    tok = build_tokenizer()
+    dense = build_tiny_llama(len(tok))
+    dense.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    out = tmp_path / "base.json"
+    assert main(["--model_path", str(tmp_path / "base"), "--metrics", "memory", "--output", str(out), "--quiet"]) == 0
+    res = json.loads(out.read_text())
+    assert res["label"] == "base" and list(res["metrics"]) == ["memory"]
+    assert res["metrics"]["memory"]["parameters"]["value"] == sum(p.numel() for p in dense.parameters())
+    out = tmp_path / "pruned.json"
+    assert main(["--model_path", str(tiny_pruned_path), "--metrics", "memory", "--base_model", str(tmp_path / "base"),
+                 "--output", str(out), "--quiet"]) == 0
+    ratio = json.loads(out.read_text())["metrics"]["memory"]["parameter_ratio"]
+    assert 0.5 < ratio["value"] < 1 and ratio["unit"] == "ratio"
+    # A folder whose weights don't fit its config: one line, not a traceback.
+    (tmp_path / "base" / "config.json").write_text((tmp_path / "base" / "config.json").read_text().replace(
+        '"intermediate_size": 128', '"intermediate_size": 96'))
+    capsys.readouterr()
+    assert main(["--model_path", str(tmp_path / "base"), "--metrics", "memory", "--quiet"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # transformers' own progress bar comes first
+    assert last.startswith(f"error: {tmp_path / 'base'}: could not load the model (RuntimeError")
+
+
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
     assert main(["--model_path", str(tmp_path / "absent.bin"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
