@@ -57,4 +57,4 @@ def test_peak_rss_sees_an_allocation_made_while_tracking():
     report = tracker.report()
     assert report["peak_rss"]["value"] * 2**20 - start >= 48 * 2**20
     assert report["peak_cuda_allocated"]["status"] == "skipped"
-    assert report["process_peak_rss"]["value"] >= report["peak_rss"]["value"] - 1
+    assert report["process_peak_rss"]["value"] >= report["peak_rss"]["value"]

@@ -153,6 +153,8 @@ class PeakMemory:
                                       note=f"sampled every {self.interval:g} s while evaluating")
         life = _process_peak_rss_bytes()
         if life is not None:
+            # ru_maxrss and sampled RSS are read differently; the window lies inside the process's life.
+            life = max(life, self.peak_rss)
             out["process_peak_rss"] = measurement(life / MIB, "MiB", higher_is_better=False,
                                                   note="whole process, loading included")
         return out

@@ -86,15 +86,15 @@ def builtin_task_file(task: str) -> Path:
     return Path(entry.yaml_path)
 
 
-def eval_split(task_file: Path) -> str:
-    """The split lm-eval scores for a task: its test split when it has one, else validation."""
+def eval_split(task_file: Path) -> tuple[str, str]:
+    """The split lm-eval scores for a task: ``("test_split", name)`` when it has one, else validation's."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
     cfg = load_yaml(task_file, resolve_func=False)
-    split = cfg.get("test_split") or cfg.get("validation_split")
-    if not split:
-        raise KeyError(f"{task_file}: the task has neither a test nor a validation split")
-    return str(split)
+    for key in ("test_split", "validation_split"):
+        if cfg.get(key):
+            return key, str(cfg[key])
+    raise KeyError(f"{task_file}: the task has neither a test nor a validation split")
 
 
 def check_jsonl(path: Path) -> int:
@@ -145,7 +145,7 @@ def write_task_yaml(task: str, out_dir: Path, data_dir: str | Path | None = None
         name = task
         info["source"] = "hub"
     else:
-        split = eval_split(base)
+        split_key, split = eval_split(base)
         path = Path(data_dir) / task / f"{split}.jsonl"
         info.update(source=str(path), split=split, n_rows=check_jsonl(path))
         name = f"{task}{LOCAL_SUFFIX}"
@@ -156,9 +156,7 @@ def write_task_yaml(task: str, out_dir: Path, data_dir: str | Path | None = None
             "training_split": None, "validation_split": None, "test_split": None, "fewshot_split": None,
             "tag": [],  # the built-in's tags would group our copies with the hub tasks
         })
-        cfg["test_split" if split == "test" else "validation_split"] = split
-        if split not in ("test", "validation"):
-            cfg["test_split"] = split
+        cfg[split_key] = split
     cfg["task"] = name
     (out_dir / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return name, info
