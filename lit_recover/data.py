@@ -230,6 +230,7 @@ def tokenize_batch(
       never a target after the causal shift); ``record``: the record's index in the source.
     """
     eos = tokenizer.eos_token_id
+    appends_eos = eos is not None and tokenizer("")["input_ids"][-1:] == [eos]
     prompts = [template.render(i, x) for i, x in zip(batch["instruction"], batch["input"])]
     fulls = [p + o for p, o in zip(prompts, batch["output"])]
     full_ids = _encode(tokenizer, fulls, cutoff_len)
@@ -243,9 +244,9 @@ def tokenize_batch(
         prefix_ok = True
         if prompt_ids is not None:
             prompt = list(prompt_ids[row])
-            if eos is not None and prompt and prompt[-1] == eos:
-                # A tokenizer that appends EOS itself (the prompt text never ends in one): the
-                # EOS is not part of the prompt, and the full sequence has it after the response.
+            if appends_eos and prompt and prompt[-1] == eos:
+                # The tokenizer's own EOS is not part of the prompt: the full sequence has it after
+                # the response.
                 prompt.pop()
             n = len(prompt)
             if ids[:n] != prompt:
