@@ -647,9 +647,6 @@ class AlpacaDataModule(L.LightningDataModule):
             sampler.set_epoch(self._resume[0])
             sampler.set_start_batch(self._resume[1])
 
-    def _source(self) -> str:
-        return self.data_path
-
     def _tokenizer_ids(self) -> tuple[int, int | None]:
         tok = self.tokenizer
         if tok is None:
