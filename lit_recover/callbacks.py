@@ -169,7 +169,7 @@ class RecoveryOutputs(Callback):
         self.before: dict | None = None
 
     def _eval_config(self, metrics: list[str] | None = None):
-        from lit_recover.evaluation.suite import EvalConfig
+        from lit_recover.evaluation import EvalConfig
 
         cfg = self.evaluation if self.evaluation is not None else EvalConfig()
         if metrics is not None:
@@ -183,7 +183,7 @@ class RecoveryOutputs(Callback):
         if self.skip_evaluation or not self.evaluate_before or trainer.ckpt_path:
             return
         if trainer.is_global_zero:
-            from lit_recover.evaluation.suite import evaluate_model
+            from lit_recover.evaluation import evaluate_model
 
             rank_zero_info("Evaluating the pruned model before recovery …")
             with pl_module.model.disable_adapter():
@@ -231,7 +231,7 @@ class RecoveryOutputs(Callback):
 
         if self.skip_evaluation:
             return
-        from lit_recover.evaluation.suite import evaluate_model, with_deltas, write_results
+        from lit_recover.evaluation import evaluate_model, with_deltas, write_results
 
         rank_zero_info("Evaluating the recovered model …")
         after = evaluate_model(merged, tokenizer, self._eval_config(), label="recovered")

@@ -186,3 +186,23 @@ def test_nonfinite_loss_skip_counts_batches(tiny_pruned_path, alpaca_json, tmp_p
     assert cli.model.skipped_batches == 1
     assert cli.trainer.global_step == 3
     assert all(torch.isfinite(t).all() for t in _adapter(out).values())
+
+
+@pytest.mark.slow
+def test_fit_evaluates_before_and_after(tiny_pruned_path, alpaca_json, tmp_path):
+    import json
+
+    text = tmp_path / "held_out.txt"
+    text.write_text("\n\n".join(f"Add {i} and {i + 1}. The sum is {2 * i + 1}." for i in range(200)))
+    out = tmp_path / "eval"
+    args = _fit_args(tiny_pruned_path, alpaca_json, out, "--data.val_set_size", "0", "--trainer.max_steps", "2",
+                     "--evaluation.metrics", "[ppl,memory]", "--evaluation.ppl_datasets", "[]",
+                     "--evaluation.ppl_texts", json.dumps({"held_out": str(text)}), "--evaluation.limit", "3")
+    args[args.index("--skip_evaluation") + 1] = "false"
+    cli_main(args)
+    results = json.loads((out / "evaluation" / "evaluation_results.json").read_text())
+    assert results["before"]["label"] == "pruned" and results["after"]["label"] == "recovered"
+    delta = results["deltas"]["ppl/texts/held_out"] if "ppl/texts/held_out" in results["deltas"] else next(
+        v for k, v in results["deltas"].items() if k.endswith("held_out"))
+    assert delta["unit"] == "perplexity" and delta["before"] > 1 and delta["after"] > 1
+    assert "memory" in results["after"]["metrics"]
