@@ -206,3 +206,47 @@ def test_fit_evaluates_before_and_after(tiny_pruned_path, alpaca_json, tmp_path)
         v for k, v in results["deltas"].items() if k.endswith("held_out"))
     assert delta["unit"] == "perplexity" and delta["before"] > 1 and delta["after"] > 1
     assert "memory" in results["after"]["metrics"]
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_the_same_adapter(tiny_pruned_path, alpaca_json, tmp_path):
+    """SIGKILL at several points (between steps, inside a checkpoint save, between its renames):
+    each resumed run ends with the uninterrupted run's adapter."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    common = ["--data.val_set_size", "0", "--save_steps", "2", "--model.warmup_steps", "2",
+              "--model.learning_rate", "1e-2", "--trainer.max_steps", "6"]
+    straight = tmp_path / "straight"
+    cli_main(_fit_args(tiny_pruned_path, alpaca_json, straight, *common))
+    reference = _adapter(straight)
+
+    def run_killed(out, driver_point=None):
+        args = _fit_args(tiny_pruned_path, alpaca_json, out, *common)
+        if driver_point:
+            cmd = [sys.executable, str(repo / "tests" / "kill_driver.py"), driver_point, "4", *args]
+            proc = subprocess.run(cmd, cwd=repo, capture_output=True, timeout=600)
+            assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+        else:  # from outside, once the first checkpoint exists
+            proc = subprocess.Popen([sys.executable, str(repo / "main.py"), *args], cwd=repo,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                deadline = time.time() + 600
+                while not (out / "checkpoint-2" / "lightning.ckpt").exists() and proc.poll() is None:
+                    assert time.time() < deadline
+                    time.sleep(0.05)
+                proc.send_signal(signal.SIGKILL)
+            finally:
+                proc.kill()
+                proc.wait()
+        assert not (out / "lora_adapter").exists()  # really interrupted before the end
+        cli_main(_fit_args(tiny_pruned_path, alpaca_json, out, *common, "--ckpt_path", "last"))
+        return _adapter(out)
+
+    for name, point in (("outside", None), ("mid_swap", "mid-swap"), ("before_rename", "before-rename")):
+        resumed = run_killed(tmp_path / name, point)
+        for k in reference:
+            assert torch.allclose(reference[k], resumed[k], atol=1e-6), (name, k)
