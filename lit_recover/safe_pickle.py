@@ -282,8 +282,20 @@ def _normalise(module: str, name: str) -> tuple[str, str]:
     return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
-class RestrictedUnpickler(pickle.Unpickler):
+def _target(stack: list[Any], allowed: tuple[type, ...], opcode: str) -> Any:
+    target = stack[-1]
+    if not isinstance(target, (PickledObject, *allowed)):
+        raise UnsafePickleError(f"{opcode} on a {type(target).__name__} is not allowed")
+    return target
+
+
+class RestrictedUnpickler(pickle._Unpickler):
     """An unpickler that imports nothing: allowlisted names or inert records.
+
+    It is the pure-Python ``pickle`` unpickler (a model's ``data.pkl`` is small; the weights are
+    separate) so that the opcodes which act on an object can be restricted too: ``BUILD`` (state)
+    only reaches records, whose ``__setstate__`` just stores it, and ``APPEND``/``SETITEM``/``ADDITEMS`` only reach
+    lists, dicts, sets and records. No allowlisted object ever has a method of its own called.
 
     Args:
         file: the pickle stream (``data.pkl`` of a torch archive).
@@ -291,11 +303,49 @@ class RestrictedUnpickler(pickle.Unpickler):
             storage's bytes as an ``UntypedStorage``.
     """
 
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def __init__(self, file: io.BufferedIOBase, load_storage: Callable[[str, torch.dtype, int], torch.UntypedStorage]):
         super().__init__(file)
         self._load_storage = load_storage
         self._storages: dict[str, _Storage] = {}
         self.recorded: set[str] = set()  # class paths that became records, for messages and tests
+
+    def load_build(self) -> None:
+        state = self.stack.pop()
+        target = _target(self.stack, (dict, list, set), "BUILD")
+        if isinstance(target, PickledObject):
+            target.__setstate__(state)
+        # a container's extra __dict__ (OrderedDict subclasses) is data we do not need: dropped
+
+    def load_append(self) -> None:
+        value = self.stack.pop()
+        _target(self.stack, (list,), "APPEND").append(value)
+
+    def load_appends(self) -> None:
+        items = self.pop_mark()
+        _target(self.stack, (list,), "APPENDS").extend(items)
+
+    def load_setitem(self) -> None:
+        value, key = self.stack.pop(), self.stack.pop()
+        _target(self.stack, (dict,), "SETITEM")[key] = value
+
+    def load_setitems(self) -> None:
+        items = self.pop_mark()
+        target = _target(self.stack, (dict,), "SETITEMS")
+        for i in range(0, len(items), 2):
+            target[items[i]] = items[i + 1]
+
+    def load_additems(self) -> None:
+        items = self.pop_mark()
+        _target(self.stack, (set,), "ADDITEMS").update(items)
+
+    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.ADDITEMS[0]] = load_additems
+    dispatch[pickle.APPEND[0]] = load_append
+    dispatch[pickle.APPENDS[0]] = load_appends
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
 
     def find_class(self, module: str, name: str) -> Any:
         key = _normalise(module, name)
