@@ -317,10 +317,35 @@ def rebuild_model(record: Any) -> nn.Module:
                 head_dims.add(int(value))
         if len(head_dims) > 1:
             raise RebuildError(f"layers use different head_dim {sorted(head_dims)}")
-        return build_causal_lm(architecture, config_attributes(config), state_dict,
-                               head_dim=head_dims.pop() if head_dims else None)
+        model = build_causal_lm(architecture, config_attributes(config), state_dict,
+                                head_dim=head_dims.pop() if head_dims else None)
     except RebuildError as exc:
         raise RebuildError(f"{path}: {exc}") from exc
+    _compare_rotary(record, model)
+    return model
+
+
+def _compare_rotary(record: PickledObject, model: nn.Module) -> None:
+    """Warn when the rotary frequencies rebuilt from the config differ from the pickled ones.
+
+    They would when a rope setting did not carry over (a custom scaling the installed config does not
+    know); dynamic scaling may also have rewritten the pickled table at run time.
+    """
+    recorded = None
+    stack = [record]
+    while stack and recorded is None:
+        rec = stack.pop()
+        recorded = (rec.get("_buffers") or {}).get("inv_freq")
+        stack.extend(m for m in (rec.get("_modules") or {}).values() if is_record(m))
+    rebuilt = next((b for n, b in model.named_buffers() if n.endswith(".inv_freq")), None)
+    if not isinstance(recorded, torch.Tensor) or rebuilt is None:
+        return
+    # float16 pickles round the table; a wrong rope_theta or scaling is off by far more than 1%.
+    if recorded.shape != rebuilt.shape or not torch.allclose(recorded.float(), rebuilt.float(), rtol=1e-2, atol=0):
+        log.warning(
+            "%s: the rotary frequencies rebuilt from its config differ from the pickled ones; "
+            "check the config's rope settings (rope_theta, rope_scaling)", record.class_path,
+        )
 
 
 # --- the tokenizer ---------------------------------------------------------------------------------

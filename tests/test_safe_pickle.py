@@ -255,3 +255,17 @@ def test_protocol_0_global_is_recorded(tmp_path):
     stream = b"cos\nremove\n(S'/'\ntR."  # os.remove('/') written by hand, protocol 0
     obj, recorded = safe_load(_torch_zip(tmp_path / "p0.bin", stream))
     assert recorded == {"os.remove"} and obj.args == ("/",) and isinstance(obj, PickledObject)
+
+
+def test_rotary_table_that_the_config_does_not_explain_is_reported(tmp_path, caplog):
+    model, tok = build_tiny_pruned()
+    with torch.no_grad():
+        model.model.rotary_emb.inv_freq.mul_(0.5)  # as if a rope scaling the config does not describe
+    save_pruned(model, tok, tmp_path / "rope.bin")
+    with caplog.at_level(logging.WARNING, logger="lit_recover.rebuild"):
+        load_pruned(tmp_path / "rope.bin")
+    assert "rotary frequencies rebuilt from its config differ" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lit_recover.rebuild"):
+        load_pruned(FIXTURES / "llmpruner_tf4_31.bin")  # float16 table, per layer: agrees
+    assert "rotary" not in caplog.text
