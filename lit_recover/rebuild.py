@@ -404,7 +404,8 @@ def rebuild_tokenizer(record: Any):
 
     Fast tokenizers come back as ``PreTrainedTokenizerFast`` over the recorded ``tokenizers`` JSON
     (normalizer, pre-tokenizer and BOS template included, so ids are unchanged); slow sentencepiece
-    tokenizers through ``AutoTokenizer`` from their model proto, as an old ``tokenizer.model`` would.
+    tokenizers through ``AutoTokenizer`` from their model proto, as an old ``tokenizer.model`` would
+    (then kept as the converted fast tokenizer where the installed release converts it).
 
     Raises:
         RebuildError: the record holds neither.
@@ -459,6 +460,12 @@ def _sentencepiece_tokenizer(record: PickledObject, proto: bytes, special: dict[
             tokenizer = AutoTokenizer.from_pretrained(tmp)
         except Exception as exc:
             raise RebuildError(f"{record.class_path}: its sentencepiece model does not load ({exc})") from exc
+    if getattr(tokenizer, "is_fast", False):
+        # Converted to a tokenizers backend (BOS template included): keep that alone, so that nothing
+        # refers back to the temporary tokenizer.model and save_pretrained/from_pretrained round-trip.
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, **special, **common)
     added = {i: t for i, t in _added_tokens(attrs).items() if t is not None and i >= len(tokenizer)}
     for token_id in sorted(added):
         tokenizer.add_tokens([added[token_id]], special_tokens=added[token_id] in special.values())

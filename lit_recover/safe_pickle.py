@@ -411,9 +411,14 @@ def safe_load(path: str | Path) -> tuple[Any, set[str]]:
             expected = numel * torch.empty((), dtype=dtype).element_size()
             if numel < 0 or info.file_size != expected:
                 raise UnsafePickleError(f"storage {key} holds {info.file_size} bytes, its reference says {expected}")
-            buf = bytearray(zf.read(name))
-            # frombuffer shares memory with buf and keeps it alive; no second copy of the weights.
-            return torch.frombuffer(buf, dtype=torch.uint8).untyped_storage() if buf else torch.UntypedStorage(0)
+            if not expected:
+                return torch.UntypedStorage(0)
+            buf = bytearray(expected)
+            with zf.open(info) as fh:
+                if fh.readinto(buf) != expected:
+                    raise UnsafePickleError(f"storage {key} is shorter than its entry says")
+            # frombuffer shares memory with buf and keeps it alive: one copy of the weights in memory.
+            return torch.frombuffer(buf, dtype=torch.uint8).untyped_storage()
 
         with zf.open(f"{prefix}data.pkl") as fh:
             unpickler = RestrictedUnpickler(io.BytesIO(fh.read()), load_storage)

@@ -71,8 +71,11 @@ def test_trusting_the_pickle_reproduces_the_original_errors():
     with pytest.raises(PrunedModelError, match=r"llmpruner_tf4_31\.bin: the pickle refers to code that is not importable here "
                                                r"\(No module named 'LLMPruner'\)"):
         load_pruned(FIXTURES / "llmpruner_tf4_31.bin", trust_pickle=True)
-    with pytest.raises(PrunedModelError, match="LlamaSdpaAttention"):
-        load_pruned(FIXTURES / "tf4_40_llama_sdpa_gqa.bin", trust_pickle=True)
+    from transformers.models.llama import modeling_llama
+
+    if not hasattr(modeling_llama, "LlamaSdpaAttention"):  # gone since transformers 4.48
+        with pytest.raises(PrunedModelError, match="LlamaSdpaAttention"):
+            load_pruned(FIXTURES / "tf4_40_llama_sdpa_gqa.bin", trust_pickle=True)
 
 
 def test_trust_pickle_loads_current_pickle_with_a_warning(tiny_pruned_path, caplog):
@@ -259,8 +262,10 @@ def test_protocol_0_global_is_recorded(tmp_path):
 
 def test_rotary_table_that_the_config_does_not_explain_is_reported(tmp_path, caplog):
     model, tok = build_tiny_pruned()
-    with torch.no_grad():
-        model.model.rotary_emb.inv_freq.mul_(0.5)  # as if a rope scaling the config does not describe
+    with torch.no_grad():  # as if a rope scaling the config does not describe
+        for name, buf in model.named_buffers():
+            if name.endswith("inv_freq"):
+                buf.mul_(0.5)
     save_pruned(model, tok, tmp_path / "rope.bin")
     with caplog.at_level(logging.WARNING, logger="lit_recover.rebuild"):
         load_pruned(tmp_path / "rope.bin")
