@@ -64,7 +64,9 @@ def _check_target(directory: Path, overwrite: bool) -> None:
     if directory.exists() and not directory.is_dir():
         raise PrunedModelError(f"{directory}: exists and is not a folder")
     if directory.is_dir() and any(directory.iterdir()) and not overwrite:
-        raise PrunedModelError(f"{directory}: folder exists and is not empty; pass overwrite=True (--overwrite true) to replace it")
+        raise PrunedModelError(
+            f"{directory}: folder exists and is not empty; pass overwrite=True (--overwrite true) to replace it"
+        )
 
 
 def save_pruned_folder(model: nn.Module, tokenizer: Any, directory: str | Path, *, overwrite: bool = False) -> Path:
@@ -153,7 +155,9 @@ def read_shape_map(directory: str | Path) -> tuple[str | None, list[dict[str, in
     if not isinstance(data, dict) or not isinstance(data.get("layers"), list) or not data["layers"]:
         raise PrunedModelError(f"{path}: expected {{'layers': [...]}} with one entry per decoder layer")
     if data.get("format", FORMAT) != FORMAT or data.get("version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise PrunedModelError(f"{path}: format {data.get('format')!r} version {data.get('version')!r} is not readable here")
+        raise PrunedModelError(
+            f"{path}: format {data.get('format')!r} version {data.get('version')!r} is not readable here"
+        )
     layers = []
     for i, entry in enumerate(data["layers"]):
         if not isinstance(entry, dict):

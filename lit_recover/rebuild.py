@@ -152,7 +152,9 @@ def _layer_count(state_dict: Mapping[str, torch.Tensor]) -> int:
     return max(found) + 1
 
 
-def linear_shapes_from_weights(state_dict: Mapping[str, torch.Tensor], num_layers: int) -> list[dict[str, tuple[int, int]]]:
+def linear_shapes_from_weights(
+    state_dict: Mapping[str, torch.Tensor], num_layers: int
+) -> list[dict[str, tuple[int, int]]]:
     """Per layer, each projection's ``(in, out)`` as its weight has it."""
     shapes = []
     for i in range(num_layers):
@@ -172,7 +174,8 @@ def linear_shapes_from_map(shape_map: list[dict[str, int]], hidden: int) -> list
     """Per layer, each projection's ``(in, out)`` from a per-layer shape map (heads, KV heads, head_dim, MLP)."""
     shapes = []
     for s in shape_map:
-        q, kv, mlp = s["num_attention_heads"] * s["head_dim"], s["num_key_value_heads"] * s["head_dim"], s["intermediate_size"]
+        q, kv = s["num_attention_heads"] * s["head_dim"], s["num_key_value_heads"] * s["head_dim"]
+        mlp = s["intermediate_size"]
         shapes.append({
             "self_attn.q_proj": (hidden, q), "self_attn.k_proj": (hidden, kv), "self_attn.v_proj": (hidden, kv),
             "self_attn.o_proj": (q, hidden), "mlp.gate_proj": (hidden, mlp), "mlp.up_proj": (hidden, mlp),
@@ -367,7 +370,7 @@ def _token_text(value: Any) -> str | None:
 
 
 def special_tokens(attrs: Mapping[str, Any]) -> dict[str, str]:
-    """bos/eos/unk/pad (and sep/cls/mask when set) as recorded by 4.x (``_bos_token``) or 5.x (``_special_tokens_map``)."""
+    """bos/eos/unk/pad (sep/cls/mask when set), recorded by 4.x (``_bos_token``) or 5.x (``_special_tokens_map``)."""
     mapping = attrs.get("_special_tokens_map")
     out = {}
     for name in _SPECIAL:
@@ -392,7 +395,8 @@ def _added_tokens(attrs: Mapping[str, Any]) -> dict[int, str]:
 
 def _common_kwargs(attrs: Mapping[str, Any]) -> dict[str, Any]:
     kwargs = {}
-    for name in ("model_max_length", "padding_side", "truncation_side", "clean_up_tokenization_spaces", "chat_template"):
+    names = ("model_max_length", "padding_side", "truncation_side", "clean_up_tokenization_spaces", "chat_template")
+    for name in names:
         value = attrs.get(name)
         if value is not None and _plain(value) is not ...:
             kwargs[name] = value
@@ -422,7 +426,9 @@ def rebuild_tokenizer(record: Any):
 
         state = backend.state
         if not isinstance(state, (bytes, str)):
-            raise RebuildError(f"{record.class_path}: its tokenizers.Tokenizer state is a {type(state).__name__}, not JSON")
+            raise RebuildError(
+                f"{record.class_path}: its tokenizers.Tokenizer state is a {type(state).__name__}, not JSON"
+            )
         try:
             backend_tok = Tokenizer.from_str(state.decode() if isinstance(state, bytes) else state)
         except Exception as exc:

@@ -219,7 +219,8 @@ def _device(*args):
 def _encode(text: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
     # Protocol 2 pickles bytes as _codecs.encode(str, 'latin1'); only plain text codecs are accepted
     # so that no codec module is looked up and imported on the file's behalf.
-    if not isinstance(text, str) or encoding.lower().replace("-", "").replace("_", "") not in {"latin1", "utf8", "ascii"}:
+    codec = encoding.lower().replace("-", "").replace("_", "") if isinstance(encoding, str) else None
+    if not isinstance(text, str) or codec not in {"latin1", "utf8", "ascii"}:
         raise UnsafePickleError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not allowed")
     return text.encode(encoding, errors)
 

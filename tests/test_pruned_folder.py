@@ -11,7 +11,13 @@ import torch
 
 from lit_recover.convert import convert, main
 from lit_recover.model_io import PrunedModelError, load_pruned, save_pruned
-from lit_recover.pruned_folder import SHAPES_FILE, WEIGHTS_FILE, is_pruned_folder, load_pruned_folder, save_pruned_folder
+from lit_recover.pruned_folder import (
+    SHAPES_FILE,
+    WEIGHTS_FILE,
+    is_pruned_folder,
+    load_pruned_folder,
+    save_pruned_folder,
+)
 from lit_recover.pruning import layer_shapes
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pickles"
@@ -102,8 +108,9 @@ def test_shape_map_that_does_not_fit_the_weights_is_named(tmp_path, tiny_model_a
     shape_map = json.loads((target / SHAPES_FILE).read_text())
     shape_map["layers"][1]["intermediate_size"] += 8
     (target / SHAPES_FILE).write_text(json.dumps(shape_map))
-    with pytest.raises(PrunedModelError, match=r"model\.safetensors: model\.layers\.1\.mlp\.gate_proj\.weight is \[\d+, 64\] "
-                                               r"in the weights, the shape map makes it \[\d+, 64\]"):
+    message = (r"model\.safetensors: model\.layers\.1\.mlp\.gate_proj\.weight is \[\d+, 64\] in the weights, "
+               r"the shape map makes it \[\d+, 64\]")
+    with pytest.raises(PrunedModelError, match=message):
         load_pruned(target)
     del shape_map["layers"][2]["head_dim"]
     (target / SHAPES_FILE).write_text(json.dumps(shape_map))

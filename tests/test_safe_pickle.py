@@ -27,7 +27,8 @@ def _expected(name: str) -> dict:
 
 
 def test_fixtures_are_present_and_small():
-    assert {"llmpruner_tf4_31", "tf4_36_llama", "tf4_40_llama_sdpa_gqa", "tf4_45_llama_tied_gqa", "tf4_45_qwen2"} <= set(VERSIONED)
+    made = {"llmpruner_tf4_31", "tf4_36_llama", "tf4_40_llama_sdpa_gqa", "tf4_45_llama_tied_gqa", "tf4_45_qwen2"}
+    assert made <= set(VERSIONED)
     assert sum(p.stat().st_size for p in FIXTURES.iterdir()) < 1_000_000
 
 
@@ -42,8 +43,10 @@ def test_old_pickle_rebuilds_with_same_logits_and_token_ids(name):
     assert type(model) is getattr(transformers, expected["model_class"].rsplit(".", 1)[-1])
     assert model.training and tok.pad_token is not None
     assert str(model.dtype).removeprefix("torch.") == expected["dtype"]
-    shapes = [(s["num_attention_heads"] * s["head_dim"], s["num_key_value_heads"] * s["head_dim"], s["intermediate_size"])
-              for s in layer_shapes(model)]
+    shapes = [
+        (s["num_attention_heads"] * s["head_dim"], s["num_key_value_heads"] * s["head_dim"], s["intermediate_size"])
+        for s in layer_shapes(model)
+    ]
     assert shapes == [(s["q_out"], s["kv_out"], s["mlp"]) for s in expected["layer_shapes"]]
     assert len(set(shapes)) == len(shapes)  # every layer its own width
     model.float().eval()
@@ -68,8 +71,9 @@ def test_safe_load_imports_nothing_and_records_toolkit_classes():
 
 
 def test_trusting_the_pickle_reproduces_the_original_errors():
-    with pytest.raises(PrunedModelError, match=r"llmpruner_tf4_31\.bin: the pickle refers to code that is not importable here "
-                                               r"\(No module named 'LLMPruner'\)"):
+    message = (r"llmpruner_tf4_31\.bin: the pickle refers to code that is not importable here "
+               r"\(No module named 'LLMPruner'\)")
+    with pytest.raises(PrunedModelError, match=message):
         load_pruned(FIXTURES / "llmpruner_tf4_31.bin", trust_pickle=True)
     from transformers.models.llama import modeling_llama
 
@@ -133,7 +137,8 @@ def test_os_system_and_eval_are_recorded_never_called(tmp_path):
     assert obj["model"].class_path in {"posix.system", "os.system", "nt.system"}
     assert obj["model"].args == (f"touch {marker_sys}",)
     assert obj["tokenizer"].class_path == "builtins.eval"
-    with pytest.raises(PrunedModelError, match=r"evil\.bin: record 'model': model class (posix|os|nt)\.system has no rebuild recipe"):
+    message = r"evil\.bin: record 'model': model class (posix|os|nt)\.system has no rebuild recipe"
+    with pytest.raises(PrunedModelError, match=message):
         load_pruned(tmp_path / "evil.bin")
     assert not marker_sys.exists() and not marker_eval.exists()
 
@@ -217,8 +222,9 @@ def test_truncated_storage_is_rejected(tmp_path):
 def test_unknown_architecture_names_the_class(tmp_path):
     _, tok = build_tiny_pruned()
     torch.save({"model": torch.nn.Linear(2, 2), "tokenizer": tok}, tmp_path / "lin.bin")
-    with pytest.raises(PrunedModelError, match=r"lin\.bin: record 'model': model class torch\.nn\.modules\.linear\.Linear "
-                                               r"has no rebuild recipe: its name 'Linear' is not one of LlamaForCausalLM"):
+    message = (r"lin\.bin: record 'model': model class torch\.nn\.modules\.linear\.Linear has no rebuild recipe: "
+               r"its name 'Linear' is not one of LlamaForCausalLM")
+    with pytest.raises(PrunedModelError, match=message):
         load_pruned(tmp_path / "lin.bin")
 
 
