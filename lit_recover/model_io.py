@@ -246,6 +246,9 @@ def atomic_save(obj: object, path: str | Path) -> Path:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600); give the mode a plain open() would
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

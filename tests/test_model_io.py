@@ -87,3 +87,20 @@ def test_read_model_keeps_the_stored_state_and_dtype_casts(tmp_path):
     assert not raw.training and raw_tok.pad_token is None  # load_pruned's preparation not applied
     loaded, _ = load_pruned(tmp_path / "f", dtype="bfloat16")
     assert loaded.dtype == torch.bfloat16 and loaded.training
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    import os
+
+    from lit_recover.pruned_folder import save_pruned_folder
+
+    umask = os.umask(0o022)
+    try:
+        model, tok = build_tiny_pruned()
+        path = save_pruned(model, tok, tmp_path / "m.bin")
+        folder = save_pruned_folder(model, tok, tmp_path / "f")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}
