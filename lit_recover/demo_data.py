@@ -257,7 +257,9 @@ def _write_text(text: str, path: Path, overwrite: bool) -> None:
         if path.read_text(encoding="utf-8") == text:
             return  # the same deterministic content: nothing to do
         if not overwrite:
-            raise FileExistsError(f"{path}: exists with different content; pass overwrite=True (--overwrite) to replace it")
+            raise FileExistsError(
+                f"{path}: exists with different content; pass overwrite=True (--overwrite) to replace it"
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

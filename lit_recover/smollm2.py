@@ -42,7 +42,10 @@ class ConversionError(RuntimeError):
 
 
 def default_cache_dir() -> Path:
-    """Where converted models live: ``$LIT_RECOVER_CACHE``, else ``$XDG_CACHE_HOME/lit_recover``, else ``~/.cache/lit_recover``."""
+    """Where converted models live.
+
+    ``$LIT_RECOVER_CACHE``, else ``$XDG_CACHE_HOME/lit_recover``, else ``~/.cache/lit_recover``.
+    """
     if os.environ.get("LIT_RECOVER_CACHE"):
         return Path(os.environ["LIT_RECOVER_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -145,7 +148,9 @@ def convert_gguf(
             return output_dir
         if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
             what = f"a conversion of {done.get('gguf_file')} ({done.get('dtype')})" if done else "other files"
-            raise ConversionError(f"{output_dir}: already holds {what}; pass overwrite=True (--overwrite) to replace it")
+            raise ConversionError(
+                f"{output_dir}: already holds {what}; pass overwrite=True (--overwrite) to replace it"
+            )
 
     start = time.perf_counter()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +194,8 @@ def convert_smollm2(output_dir: str | Path | None = None, overwrite: bool = Fals
 
 def main(argv: list[str] | None = None) -> Path:
     """``python -m lit_recover.smollm2 [--output DIR] [--overwrite] [--dtype float32]``; prints the folder."""
-    parser = argparse.ArgumentParser(prog="python -m lit_recover.smollm2", description=convert_smollm2.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lit_recover.smollm2",
+                                     description="Convert the packaged SmolLM2 GGUF to a Hugging Face folder.")
     parser.add_argument("--output", default=None, help="target folder (default: the cache folder)")
     parser.add_argument("--overwrite", action="store_true", help="convert again and replace the folder")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

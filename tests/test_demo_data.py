@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from lit_recover import demo_data
-from lit_recover.demo_data import EVAL_MODULES, TRAIN_MODULES, build_demo_eval_text, build_demo_records, write_demo_dataset
+from lit_recover.demo_data import (
+    EVAL_MODULES,
+    TRAIN_MODULES,
+    build_demo_eval_text,
+    build_demo_records,
+    write_demo_dataset,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

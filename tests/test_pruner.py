@@ -251,7 +251,9 @@ def test_prune_an_already_pruned_pickle(tiny_pruned_path, tmp_path):
 def test_calibration_files(tokenizer, tmp_path):
     text = tmp_path / "cal.txt"
     text.write_text("First paragraph of plain text.\n\nSecond one, a little longer than the first.\n")
-    assert read_calibration_texts(text) == ["First paragraph of plain text.", "Second one, a little longer than the first."]
+    assert read_calibration_texts(text) == [
+        "First paragraph of plain text.", "Second one, a little longer than the first."
+    ]
     alpaca = tmp_path / "cal.json"
     alpaca.write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": "Hi."},
                                   {"instruction": "Add.", "input": "1 + 1", "output": "2"}]))

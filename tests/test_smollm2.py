@@ -156,17 +156,20 @@ def test_cli_converts_a_given_gguf(tiny_gguf, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_real_smollm2_says_paris(tmp_path_factory):
+def test_real_smollm2_says_paris():
+    """The packaged model, converted into the shared cache (about a minute the first time, then reused)."""
     try:
         smollm2.find_smollm2_gguf()
     except ConversionError as exc:
         pytest.skip(str(exc))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = convert_smollm2(tmp_path_factory.mktemp("smol") / "smollm2")
+    folder = convert_smollm2()
+    assert json.loads((folder / "conversion.json").read_text())["parameters"] == 134_515_008
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
-    assert (model.config.num_hidden_layers, model.config.num_attention_heads, model.config.num_key_value_heads) == (30, 9, 3)
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 9, 3)
     ids = tok("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert tok.decode(out[0, ids.input_ids.shape[1]:]).strip().startswith("Paris")

@@ -1,4 +1,6 @@
-"""Command line: ``python -m lit_recover.prune --base_model DIR_OR_PICKLE --pruning_ratio 0.2 --output results/NAME/pruned_model.bin``.
+"""The pruner's command line.
+
+``python -m lit_recover.prune --base_model DIR_OR_PICKLE --pruning_ratio 0.2 --output results/NAME/pruned_model.bin``
 
 Writes the LLM-Pruner pickle ``{'model', 'tokenizer'}`` and, beside it, ``<output stem>.json``
 (``pruned_model.json``): the settings, the parameter counts before and after, the achieved ratio and
@@ -61,7 +63,8 @@ def prune(
     """Structurally prune a LLaMA-family model and save it as an LLM-Pruner ``pruned_model.bin``.
 
     Args:
-        base_model: a Hugging Face model folder, an LLM-Pruner pickle, a hub id, or ``smollm2`` for the packaged SmolLM2-135M-Instruct.
+        base_model: a Hugging Face model folder, an LLM-Pruner pickle, a hub id, or ``smollm2`` (the
+            packaged SmolLM2-135M-Instruct, converted once).
         output: the pickle to write, e.g. ``results/NAME/pruned_model.bin``; the JSON report goes beside it.
         pruning_ratio: fraction of all parameters to remove.
         criterion: importance criterion: l1, l2, taylor or random.
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return CLI(prune, args=argv, as_positional=False)
+        return CLI(prune, args=argv, as_positional=False, prog="python -m lit_recover.prune")
     except (ValueError, FileExistsError, CalibrationDataError, PrunedModelError, ConversionError) as exc:
         raise SystemExit(f"error: {exc}") from None
 

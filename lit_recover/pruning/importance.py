@@ -213,7 +213,9 @@ def _salience(param: torch.Tensor, criterion: str) -> torch.Tensor:
     raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
 
 
-def attention_group_scores(attn: nn.Module, criterion: Criterion, generator: torch.Generator | None = None) -> torch.Tensor:
+def attention_group_scores(
+    attn: nn.Module, criterion: Criterion, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One score per KV group of an attention module (shape ``(kv_heads,)``)."""
     q_heads, kv_heads, head_dim = attention_head_counts(attn)
     if criterion == "random":
@@ -231,7 +233,9 @@ def attention_group_scores(attn: nn.Module, criterion: Criterion, generator: tor
     return scores
 
 
-def mlp_channel_scores(mlp: nn.Module, criterion: Criterion, generator: torch.Generator | None = None) -> torch.Tensor:
+def mlp_channel_scores(
+    mlp: nn.Module, criterion: Criterion, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One score per intermediate channel of a gated MLP (shape ``(intermediate_size,)``)."""
     width = mlp.gate_proj.out_features
     if criterion == "random":

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from lit_recover.pruning.importance import (
-    CRITERIA,
     BUILTIN_CALIBRATION_TEXTS,
+    CRITERIA,
     Criterion,
     accumulate_gradients,
     attention_group_scores,
