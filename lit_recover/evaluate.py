@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", type=_comma_list, metavar="A,B,...", help="column names for --compare")
     parser.add_argument("--chart", metavar="PNG", help="with --compare: save a bar chart here")
     parser.add_argument("--quiet", action="store_true", help="warnings only")
+    parser.add_argument("--trust_pickle", action="store_true",
+                        help="unpickle with plain torch.load (runs code named by the file: trusted files only)")
     _add_config_arguments(parser)
     return parser
 
@@ -130,7 +132,7 @@ def _config_from(args: argparse.Namespace):
     return EvalConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def _load_model(path: str, device: str, dtype: str):
+def _load_model(path: str, device: str, dtype: str, trust_pickle: bool = False):
     import torch
 
     from lit_recover.model_io import load_pruned
@@ -139,7 +141,7 @@ def _load_model(path: str, device: str, dtype: str):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available here")
-    model, tokenizer = load_pruned(path, dtype=None if dtype == "auto" else dtype)
+    model, tokenizer = load_pruned(path, dtype=None if dtype == "auto" else dtype, trust_pickle=trust_pickle)
     if dtype == "auto" and torch.device(device).type == "cpu" and next(model.parameters()).dtype == torch.float16:
         log.info("float16 weights on CPU: evaluating in float32 (pass --dtype float16 to keep them)")
         model.to(torch.float32)
@@ -179,7 +181,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         if value is not None and not Path(value).is_dir():
             raise FileNotFoundError(f"--{name} {value}: no such folder")
     try:
-        model, tokenizer = _load_model(args.model_path, args.device, args.dtype)
+        model, tokenizer = _load_model(args.model_path, args.device, args.dtype, args.trust_pickle)
     except (PrunedModelError, ValueError):
         raise
     except Exception as exc:  # transformers' loaders raise all kinds; one line is enough here
