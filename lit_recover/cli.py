@@ -113,7 +113,7 @@ class RecoveryCLI(LightningCLI):
         parser.add_argument("--save_total_limit", type=int, default=3,
                             help="Keep this many step checkpoints (the best by val/loss, else the newest).")
         try:
-            from lit_recover.evaluation.suite import EvalConfig
+            from lit_recover.evaluation import EvalConfig
         except ImportError:  # evaluation extras absent
             pass
         else:

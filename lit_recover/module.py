@@ -23,13 +23,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from lit_recover.data import IGNORE_INDEX
 from lit_recover.distributed import ShardedModel, gather_merged, gather_trainable, shard_lora_model
 from lit_recover.model_io import load_pruned
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf."""
@@ -263,7 +261,7 @@ class LoRARecoveryModule(L.LightningModule):
 
     def _last_checkpoint(self) -> str | None:
         callback = getattr(self.trainer, "checkpoint_callback", None) if self._trainer is not None else None
-        return getattr(callback, "_last_checkpoint_saved", None) or None
+        return getattr(callback, "last_step_checkpoint", None) or getattr(callback, "_last_checkpoint_saved", None) or None
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -367,12 +365,32 @@ class LoRARecoveryModule(L.LightningModule):
                 f"checkpoint lacks {len(missing)} adapter tensors (e.g. {sorted(missing)[0]}): "
                 "was it written with other LoRA settings?"
             )
-        rng = checkpoint.get("rng_states")
+        self._resume_data_order(checkpoint)
+        # Applied in on_train_start: creating the dataloader iterator draws from the global RNG,
+        # and on resume that happens after this hook.
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    @override
+    def on_train_start(self) -> None:
+        rng, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
         if rng:
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def _resume_data_order(self, checkpoint: dict[str, Any]) -> None:
+        """Tell the data module where in which epoch the checkpointed run stopped.
+
+        ``processed`` counts the micro-batches whose training step ran in the current epoch (Lightning
+        prefetches one batch ahead, so counting what the loader yielded would be off by one).
+        """
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "resume_from"):
+            return
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+        consumed = int(progress.get("current", {}).get("processed", 0))
+        datamodule.resume_from(int(checkpoint.get("epoch", 0)), consumed)
 
     def _trainable_names(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.requires_grad}

@@ -113,7 +113,7 @@ def fit_args(model: Path, setting: dict[str, Path], out: str | Path, *extra: str
             "--data.batch_size", str(BATCH), "--data.micro_batch_size", str(MICRO),
             "--model.lora_dropout", "0", "--model.learning_rate", "0.01", "--model.warmup_steps", "0",
             "--trainer.max_steps", str(STEPS), "--save_steps", "2", "--skip_evaluation", "true",
-            "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+            "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.gradient_clip_val", "1.0",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra]
 
 
