@@ -204,7 +204,9 @@ class RecoveryOutputs(Callback):
             from lit_recover.evaluation.suite import evaluate_model
 
             with pl_module.model.disable_adapter():
-                evaluate_model(pl_module.model, pl_module.tokenizer, self._eval_config(self.before_metrics), label="pruned")
+                evaluate_model(
+                    pl_module.model, pl_module.tokenizer, self._eval_config(self.before_metrics), label="pruned"
+                )
         wait_for_rank_zero("evaluate-before")
 
     @override

@@ -69,7 +69,8 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def launch(jobs: list[tuple[list[str], dict[str, str], Path]], log_dir: Path, timeout: float = LAUNCH_TIMEOUT_S) -> None:
+def launch(jobs: list[tuple[list[str], dict[str, str], Path]], log_dir: Path,
+           timeout: float = LAUNCH_TIMEOUT_S) -> None:
     """Run ``(argv, env, cwd)`` jobs side by side; fail on a non-zero exit or the timeout.
 
     Each job gets a session of its own, so that killing it also kills the ranks Lightning spawned
@@ -214,7 +215,7 @@ def test_meta_skeleton_costs_no_memory_and_keeps_buffers(tiny_model_and_tokenize
         (n, p.shape, p.requires_grad) for n, p in model.named_parameters()
     ]
     # the rotary table is a non-persistent buffer: it is not in a state dict, so it must be copied
-    for (n, b), (_, b0) in zip(skeleton.named_buffers(), model.named_buffers()):
+    for (n, b), (_, b0) in zip(skeleton.named_buffers(), model.named_buffers(), strict=True):
         assert not b.is_meta and torch.equal(b, b0) and b.data_ptr() != b0.data_ptr(), n
     assert type(skeleton.model.layers[1]) is type(model.model.layers[1])
 
@@ -241,13 +242,21 @@ def test_fsdp2_strategy_by_name_is_pure_data_parallel():
 
 
 def test_resume_finds_a_sharded_checkpoint_folder(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "lightning.ckpt").write_bytes(b"x")
+    time.sleep(0.01)
     shards = tmp_path / "checkpoint-4" / "lightning.ckpt"
     shards.mkdir(parents=True)
     (shards / "meta.pt").write_bytes(b"x")
-    (tmp_path / "checkpoint-2").mkdir()
-    (tmp_path / "checkpoint-2" / "lightning.ckpt").write_bytes(b"x")
-    assert resolve_checkpoint("last", tmp_path) == str(shards)
+    assert resolve_checkpoint("last", tmp_path) == str(shards)  # the newest complete one
     assert resolve_checkpoint(tmp_path / "checkpoint-4") == str(shards)
+    time.sleep(0.01)
+    unfinished = tmp_path / "checkpoint-6" / "lightning.ckpt"
+    unfinished.mkdir(parents=True)
+    (unfinished / "__0_0.distcp").write_bytes(b"x")  # shards written, metadata not yet
+    assert resolve_checkpoint("last", tmp_path) == str(shards)
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        resolve_checkpoint(tmp_path / "checkpoint-6")
 
 
 # --- multi-process runs -------------------------------------------------------------------------------------
@@ -320,8 +329,7 @@ def test_two_nodes_on_localhost(tiny_pruned_path, setting, reference, tmp_path):
         everything = shards[0] + shards[1]
         assert len(set(everything)) == N_RECORDS
         longest = max(len(s) for s in everything)
-        steps = [ranks[0]["batches"][epoch * per_epoch + k]["samples"] + ranks[1]["batches"][epoch * per_epoch + k]["samples"]
-                 for k in range(per_epoch)]
+        steps = [[s for r in ranks for s in r["batches"][epoch * per_epoch + k]["samples"]] for k in range(per_epoch)]
         assert max(len(s) for s in steps[0]) == longest
         for step in steps:
             lo, hi = min(map(len, step)), max(map(len, step))

@@ -22,7 +22,9 @@ class NaNOnce(Callback):
         self.batch_idx = batch_idx
         self._handle: Any = None
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_rank == self.rank and trainer.current_epoch == 0 and batch_idx == self.batch_idx:
             head = pl_module.model.get_base_model().lm_head
             self._handle = head.register_forward_hook(lambda module, args, out: out * torch.nan)

@@ -26,9 +26,11 @@ class RecordBatches(Callback):
         self.out_dir = Path(out_dir)
         self.batches: list[dict[str, Any]] = []
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        samples = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+        samples = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
         self.batches.append({"step": trainer.global_step, "samples": samples})
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
