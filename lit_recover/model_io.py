@@ -3,9 +3,13 @@
 Public face: ``load_pruned(path) -> (model, tokenizer)`` and ``save_pruned(model, tokenizer, path)``.
 
 Accepted inputs:
-- an LLM-Pruner pickle ``torch.save({'model': model, 'tokenizer': tokenizer}, path)``. Unpickling
-  *executes code named by the file*; it is done with ``torch.load(..., weights_only=False)`` and
-  only for files you trust;
+- an LLM-Pruner pickle ``torch.save({'model': model, 'tokenizer': tokenizer}, path)``. By default it
+  is read without running any code it names (:mod:`lit_recover.safe_pickle`) and the model and
+  tokenizer are rebuilt as classes of the installed transformers (:mod:`lit_recover.rebuild`), so
+  pickles from older releases or from toolkits that are not installed load too. ``trust_pickle=True``
+  unpickles it as written (``torch.load(weights_only=False)``), for files you trust only;
+- a pickle-free pruned folder (``layer_shapes.json`` + safetensors + config + tokenizer), see
+  :mod:`lit_recover.pruned_folder`;
 - a Hugging Face model directory (``config.json`` + weights + tokenizer), for unpruned baselines;
 - a hub model id (``org/name``), loaded with ``from_pretrained`` when the hub is reachable.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -29,24 +34,56 @@ class PrunedModelError(ValueError):
     """A model file that cannot be used, with a one-line reason naming the file."""
 
 
-def _load_pickle(path: Path) -> tuple[nn.Module, object]:
+def _checkpoint_parts(path: Path, obj: object) -> tuple[object, object]:
+    if not isinstance(obj, dict) or "model" not in obj or "tokenizer" not in obj:
+        if isinstance(obj, dict):
+            found = f"a dict with keys {sorted(map(str, obj))}"
+        else:
+            found = f"a pickled {obj.class_path}" if hasattr(obj, "class_path") else f"a {type(obj).__name__}"
+        raise PrunedModelError(
+            f"{path}: expected an LLM-Pruner checkpoint {{'model': model, 'tokenizer': tokenizer}}, found {found}"
+        )
+    return obj["model"], obj["tokenizer"]
+
+
+def _load_pickle_trusted(path: Path) -> tuple[nn.Module, object]:
+    log.warning("%s: trust_pickle=True: unpickling runs whatever code the file names", path)
     try:
         # weights_only=False runs code named by the pickle: the file must be trusted.
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, AttributeError) as exc:
         raise PrunedModelError(
-            f"{path}: the pickle refers to code that is not importable here ({exc})"
+            f"{path}: the pickle refers to code that is not importable here ({exc}); "
+            "the default safe loader (trust_pickle=False) does not need it"
         ) from exc
     except Exception as exc:  # corrupt or not a torch file
         raise PrunedModelError(f"{path}: not a readable torch pickle ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(obj, dict) or "model" not in obj or "tokenizer" not in obj:
-        found = f"a dict with keys {sorted(map(str, obj))}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
-        raise PrunedModelError(
-            f"{path}: expected an LLM-Pruner checkpoint {{'model': model, 'tokenizer': tokenizer}}, found {found}"
-        )
-    model, tokenizer = obj["model"], obj["tokenizer"]
+    model, tokenizer = _checkpoint_parts(path, obj)
     if not isinstance(model, nn.Module):
         raise PrunedModelError(f"{path}: 'model' is a {type(model).__name__}, not a torch module")
+    return model, tokenizer
+
+
+def _load_pickle_safe(path: Path) -> tuple[nn.Module, object]:
+    from lit_recover.rebuild import RebuildError, rebuild_model, rebuild_tokenizer
+    from lit_recover.safe_pickle import UnsafePickleError, safe_load
+
+    try:
+        obj, recorded = safe_load(path)
+    except UnsafePickleError as exc:
+        raise PrunedModelError(f"{path}: {exc}") from exc
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise PrunedModelError(f"{path}: not a readable torch pickle ({type(exc).__name__}: {exc})") from exc
+    model_record, tokenizer_record = _checkpoint_parts(path, obj)
+    try:
+        model = rebuild_model(model_record)
+    except RebuildError as exc:
+        raise PrunedModelError(f"{path}: record 'model': {exc}") from exc
+    try:
+        tokenizer = rebuild_tokenizer(tokenizer_record)
+    except RebuildError as exc:
+        raise PrunedModelError(f"{path}: record 'tokenizer': {exc}") from exc
+    log.info("%s: rebuilt %s from the pickle without running it", path, type(model).__name__)
     return model, tokenizer
 
 
@@ -131,38 +168,66 @@ def check_forward(model: nn.Module, tokenizer, source: str = "model") -> None:
         raise PrunedModelError(f"{source}: forward gives non-finite logits")
 
 
-def load_pruned(
+def read_model(
     path: str | Path,
     *,
     dtype: torch.dtype | str | None = None,
-    check: bool = True,
+    trust_pickle: bool = False,
 ) -> tuple[nn.Module, object]:
-    """Load a pruned model and its tokenizer, ready for training.
+    """Read a model and tokenizer as stored, without the training preparation of :func:`load_pruned`.
 
     Args:
-        path: an LLM-Pruner ``pruned_model.bin`` pickle, a Hugging Face model directory, or a hub id.
+        path: a pruned pickle, a pruned folder, a Hugging Face model directory, or a hub id.
         dtype: cast the model to this dtype (``"float32"``, ``"bfloat16"``, …); ``None`` keeps it.
-        check: run the structural and forward consistency checks.
-
-    Returns:
-        ``(model, tokenizer)``: the model in train mode, the tokenizer with a pad token.
+        trust_pickle: unpickle a pickle as written (runs code it names) instead of rebuilding it safely.
     """
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     p = Path(path)
     source = str(path)
     if p.is_file():
-        model, tokenizer = _load_pickle(p)
+        model, tokenizer = _load_pickle_trusted(p) if trust_pickle else _load_pickle_safe(p)
     elif p.is_dir():
-        if not (p / "config.json").is_file():
+        from lit_recover.pruned_folder import is_pruned_folder, load_pruned_folder
+
+        if is_pruned_folder(p):
+            model, tokenizer = load_pruned_folder(p)
+        elif (p / "config.json").is_file():
+            model, tokenizer = _load_hf(p, dtype)
+        else:
             raise PrunedModelError(f"{source}: a directory without config.json is not a model folder")
-        model, tokenizer = _load_hf(p, dtype)
     elif p.suffix in {".bin", ".pt", ".pth", ".ckpt"} or p.is_absolute() or str(path).startswith("."):
         raise PrunedModelError(f"{source}: no such file")
     else:
         model, tokenizer = _load_hf(str(path), dtype)  # a hub id
     if dtype is not None:
         model.to(dtype)
+    return model, tokenizer
+
+
+def load_pruned(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    check: bool = True,
+    trust_pickle: bool = False,
+) -> tuple[nn.Module, object]:
+    """Load a pruned model and its tokenizer, ready for training.
+
+    Args:
+        path: an LLM-Pruner ``pruned_model.bin`` pickle, a pruned folder (``save_pruned_folder``),
+            a Hugging Face model directory, or a hub id.
+        dtype: cast the model to this dtype (``"float32"``, ``"bfloat16"``, …); ``None`` keeps it.
+        check: run the structural and forward consistency checks.
+        trust_pickle: unpickle a pickle with ``torch.load(weights_only=False)``, running the code it
+            names and needing every class it names importable. The default reads it without running
+            anything and rebuilds the model with the installed transformers.
+
+    Returns:
+        ``(model, tokenizer)``: the model in train mode, the tokenizer with a pad token.
+    """
+    source = str(path)
+    model, tokenizer = read_model(path, dtype=dtype, trust_pickle=trust_pickle)
     prepare_tokenizer(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -181,6 +246,9 @@ def atomic_save(obj: object, path: str | Path) -> Path:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600); give the mode a plain open() would
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -23,12 +23,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from lit_recover.data import IGNORE_INDEX
+from lit_recover.distributed import ShardedModel, gather_merged, gather_trainable, shard_lora_model
 from lit_recover.model_io import load_pruned
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf."""
@@ -56,6 +55,22 @@ def _split_modules(value: list[str] | str) -> list[str]:
         value = value.strip().strip("[]")
         return [v.strip().strip("'\"") for v in value.split(",") if v.strip()]
     return list(value)
+
+
+def _drop_checkpointing_settings(model: torch.nn.Module) -> None:
+    """Undo what gradient checkpointing set on a model before it is saved for inference.
+
+    transformers and PEFT each register an embedding hook that makes its output require grad (a
+    local function: the pickle of the model would fail) and keep a handle to the last one only, so
+    the hooks are found by name.
+    """
+    embeddings = model.get_input_embeddings()
+    for key, hook in list(embeddings._forward_hooks.items()):
+        if getattr(hook, "__name__", "").startswith("make_inputs_require_grad"):
+            del embeddings._forward_hooks[key]
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()
+    model.config.use_cache = True
 
 
 class LoRARecoveryModule(L.LightningModule):
@@ -113,6 +128,7 @@ class LoRARecoveryModule(L.LightningModule):
         self._step_started: float | None = None
         self._tokens_in_step = 0
         self.skipped_batches = 0
+        self._sharded: ShardedModel | None = None  # set by configure_model under FSDP2
         self._log_parameter_counts()
 
     # --- setup -----------------------------------------------------------------------------
@@ -155,6 +171,13 @@ class LoRARecoveryModule(L.LightningModule):
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
         return trainable, total
+
+    @override
+    def configure_model(self) -> None:
+        # FSDP2 (ModelParallelStrategy gives the module a device mesh): shard once; nothing otherwise
+        if self._device_mesh is not None and self._sharded is None:
+            reshard = getattr(self._trainer.strategy, "reshard_after_forward", True) if self._trainer else True
+            self._sharded = shard_lora_model(self.model, self._device_mesh, reshard_after_forward=reshard)
 
     @override
     def on_fit_start(self) -> None:
@@ -213,13 +236,22 @@ class LoRARecoveryModule(L.LightningModule):
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         loss = self._step(batch, "train")
-        if torch.isfinite(loss.detach()).all():
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self._trainer is not None:
+            # one decision for all ranks: a rank that skipped backward (or stopped) alone would leave
+            # the others waiting in the gradient all-reduce
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             return loss
         if self.hparams.nonfinite_loss == "skip":
             # returning None skips backward for this micro-batch; nothing reaches the weights
             self.skipped_batches += 1
             self.log("train/skipped_batches", float(self.skipped_batches))
             log.warning("non-finite loss at step %d (batch %d): skipped", self.global_step, batch_idx)
+            if self.trainer.world_size > 1:
+                # Lightning refuses None from a distributed training step: every rank backpropagates
+                # zeros instead, so the gradient all-reduce runs and adds nothing
+                return sum(p.sum() * 0.0 for p in self.trainable_parameters())
             return None
         raise NonFiniteLossError(
             f"loss is {loss.item()} at optimizer step {self.global_step} (batch {batch_idx}); "
@@ -229,7 +261,7 @@ class LoRARecoveryModule(L.LightningModule):
 
     def _last_checkpoint(self) -> str | None:
         callback = getattr(self.trainer, "checkpoint_callback", None) if self._trainer is not None else None
-        return getattr(callback, "_last_checkpoint_saved", None) or None
+        return getattr(callback, "last_step_checkpoint", None) or getattr(callback, "_last_checkpoint_saved", None) or None
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -279,16 +311,33 @@ class LoRARecoveryModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- outputs -------------------------------------------------------------------------------
-    def save_adapter(self, path: str) -> None:
-        """Write the LoRA adapter with PEFT's ``save_pretrained`` (``PeftModel.from_pretrained`` reads it)."""
-        self.model.save_pretrained(path)
+    def gather_adapter(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP2 the full adapter tensors for ``save_adapter`` (on rank zero; ``{}`` elsewhere),
+        else ``None``. A collective under FSDP2: call it on every rank."""
+        return gather_trainable(self.model) if self._sharded is not None else None
 
-    def merged_model(self) -> torch.nn.Module:
+    def save_adapter(self, path: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the LoRA adapter with PEFT's ``save_pretrained`` (``PeftModel.from_pretrained`` reads it).
+
+        Under FSDP2 pass ``state_dict=self.gather_adapter()`` (gathered on every rank first).
+        """
+        self.model.save_pretrained(path, state_dict=state_dict)
+
+    def merged_model(self) -> torch.nn.Module | None:
         """Fold the LoRA weights into the base weights and return the plain model.
 
         Done in place: afterwards this module holds no adapter any more (the end of fit is the place).
+        Under FSDP2 a collective (call it on every rank): the gathered, merged model on rank zero
+        (on this rank's device), ``None`` on the other ranks.
         """
-        return self.model.merge_and_unload()
+        if self._sharded is not None:
+            merged = gather_merged(self.model, self._sharded)
+            merged = merged.to(self.device) if merged is not None else None
+        else:
+            merged = self.model.merge_and_unload()
+        if merged is not None and self.hparams.gradient_checkpointing:
+            _drop_checkpointing_settings(merged)
+        return merged
 
     # --- checkpoints: the adapter, not the frozen base ----------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -316,12 +365,32 @@ class LoRARecoveryModule(L.LightningModule):
                 f"checkpoint lacks {len(missing)} adapter tensors (e.g. {sorted(missing)[0]}): "
                 "was it written with other LoRA settings?"
             )
-        rng = checkpoint.get("rng_states")
+        self._resume_data_order(checkpoint)
+        # Applied in on_train_start: creating the dataloader iterator draws from the global RNG,
+        # and on resume that happens after this hook.
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    @override
+    def on_train_start(self) -> None:
+        rng, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
         if rng:
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def _resume_data_order(self, checkpoint: dict[str, Any]) -> None:
+        """Tell the data module where in which epoch the checkpointed run stopped.
+
+        ``processed`` counts the micro-batches whose training step ran in the current epoch (Lightning
+        prefetches one batch ahead, so counting what the loader yielded would be off by one).
+        """
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "resume_from"):
+            return
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+        consumed = int(progress.get("current", {}).get("processed", 0))
+        datamodule.resume_from(int(checkpoint.get("epoch", 0)), consumed)
 
     def _trainable_names(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.requires_grad}

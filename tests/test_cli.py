@@ -74,16 +74,24 @@ def test_missing_checkpoint_is_reported(tiny_pruned_path, alpaca_json, tmp_path,
 
 
 def test_resolve_checkpoint_forms(tmp_path):
-    for step in (2, 10):
+    import os
+
+    for i, step in enumerate((2, 10, 4)):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "lightning.ckpt").write_bytes(b"x")
-    assert resolve_checkpoint("last", tmp_path).endswith("checkpoint-10/lightning.ckpt")
+        os.utime(tmp_path / f"checkpoint-{step}" / "lightning.ckpt", ns=(10**9 * i, 10**9 * i))
+    # no checkpoint-last (a kill mid-swap): the newest complete folder
+    assert resolve_checkpoint("last", tmp_path).endswith("checkpoint-4/lightning.ckpt")
+    (tmp_path / "checkpoint-last").mkdir()
+    (tmp_path / "checkpoint-last" / "lightning.ckpt").write_bytes(b"x")
+    os.utime(tmp_path / "checkpoint-last" / "lightning.ckpt", ns=(0, 0))
+    assert resolve_checkpoint("last", tmp_path).endswith("checkpoint-last/lightning.ckpt")
     assert resolve_checkpoint(tmp_path / "checkpoint-2").endswith("checkpoint-2/lightning.ckpt")
-    (tmp_path / "checkpoint-last.old").mkdir()  # a kill between the two renames of a save
-    (tmp_path / "checkpoint-last.old" / "lightning.ckpt").write_bytes(b"x")
-    assert resolve_checkpoint("last", tmp_path).endswith("checkpoint-last.old/lightning.ckpt")
+    assert resolve_checkpoint(tmp_path / "checkpoint-2" / "lightning.ckpt").endswith("checkpoint-2/lightning.ckpt")
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         resolve_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        resolve_checkpoint(tmp_path / "checkpoint-99")
 
 
 def _fit_args(model, data, out, *extra):
@@ -128,3 +136,117 @@ def test_fit_writes_all_outputs(tiny_pruned_path, alpaca_json, tmp_path):
     # results are never overwritten silently
     with pytest.raises(SystemExit):
         cli_main(_fit_args(tiny_pruned_path, alpaca_json, out, "--trainer.max_steps", "1"))
+
+
+def _adapter(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "lora_adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("validation", [False, True], ids=["no-val", "val"])
+def test_resume_reproduces_the_straight_run(tiny_pruned_path, alpaca_json, tmp_path, validation):
+    """2N steps straight == N steps, then resume from checkpoint-last for N more (mid-epoch, dropout on)."""
+    extra = ["--data.val_set_size", "6" if validation else "0", "--save_steps", "3",
+             "--model.warmup_steps", "2", "--model.learning_rate", "1e-2", "--data.group_by_length", "true"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cli_main(_fit_args(tiny_pruned_path, alpaca_json, straight, "--trainer.max_steps", "6", *extra))
+    cli_main(_fit_args(tiny_pruned_path, alpaca_json, resumed, "--trainer.max_steps", "6", *extra,
+                       "--trainer.callbacks+=tests.helpers.StopAtStep", "--trainer.callbacks.step=3"))
+    first_half = _adapter(resumed)
+    cli_main(_fit_args(tiny_pruned_path, alpaca_json, resumed, "--trainer.max_steps", "6", "--ckpt_path", "last",
+                       "--overwrite", "true", *extra))
+    a, b = _adapter(straight), _adapter(resumed)
+    assert a.keys() == b.keys()
+    assert any(not torch.allclose(first_half[k], b[k]) for k in a)  # the second half trained
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_with_step_and_checkpoint(tiny_pruned_path, alpaca_json, tmp_path, capsys):
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit):
+        cli_main(_fit_args(tiny_pruned_path, alpaca_json, out, "--data.val_set_size", "0", "--save_steps", "2",
+                           "--trainer.max_steps", "5", "--trainer.callbacks+=tests.helpers.PoisonAtStep",
+                           "--trainer.callbacks.step=3"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: loss is nan at optimizer step 3")
+    assert "checkpoint-2" in err  # the last good checkpoint is named
+    assert (out / "checkpoint-2" / "lightning.ckpt").is_file() and not (out / "pruned_model.bin").exists()
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_skip_counts_batches(tiny_pruned_path, alpaca_json, tmp_path):
+    out = tmp_path / "skip"
+    cli = cli_main(_fit_args(tiny_pruned_path, alpaca_json, out, "--data.val_set_size", "0", "--trainer.max_steps", "3",
+                             "--model.nonfinite_loss", "skip", "--trainer.callbacks+=tests.helpers.NanLossAtBatch",
+                             "--trainer.callbacks.batch=2"))
+    assert cli.model.skipped_batches == 1
+    assert cli.trainer.global_step == 3
+    assert all(torch.isfinite(t).all() for t in _adapter(out).values())
+
+
+@pytest.mark.slow
+def test_fit_evaluates_before_and_after(tiny_pruned_path, alpaca_json, tmp_path):
+    import json
+
+    text = tmp_path / "held_out.txt"
+    text.write_text("\n\n".join(f"Add {i} and {i + 1}. The sum is {2 * i + 1}." for i in range(200)))
+    out = tmp_path / "eval"
+    args = _fit_args(tiny_pruned_path, alpaca_json, out, "--data.val_set_size", "0", "--trainer.max_steps", "2",
+                     "--evaluation.metrics", "[ppl,memory]", "--evaluation.ppl_datasets", "[]",
+                     "--evaluation.ppl_texts", json.dumps({"held_out": str(text)}), "--evaluation.limit", "3")
+    args[args.index("--skip_evaluation") + 1] = "false"
+    cli_main(args)
+    results = json.loads((out / "evaluation" / "evaluation_results.json").read_text())
+    assert results["before"]["label"] == "pruned" and results["after"]["label"] == "recovered"
+    delta = results["deltas"]["ppl/texts/held_out"] if "ppl/texts/held_out" in results["deltas"] else next(
+        v for k, v in results["deltas"].items() if k.endswith("held_out"))
+    assert delta["unit"] == "perplexity" and delta["before"] > 1 and delta["after"] > 1
+    assert "memory" in results["after"]["metrics"]
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_the_same_adapter(tiny_pruned_path, alpaca_json, tmp_path):
+    """SIGKILL at several points (between steps, inside a checkpoint save, between its renames):
+    each resumed run ends with the uninterrupted run's adapter."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    common = ["--data.val_set_size", "0", "--save_steps", "2", "--model.warmup_steps", "2",
+              "--model.learning_rate", "1e-2", "--trainer.max_steps", "6"]
+    straight = tmp_path / "straight"
+    cli_main(_fit_args(tiny_pruned_path, alpaca_json, straight, *common))
+    reference = _adapter(straight)
+
+    def run_killed(out, driver_point=None):
+        args = _fit_args(tiny_pruned_path, alpaca_json, out, *common)
+        if driver_point:
+            cmd = [sys.executable, str(repo / "tests" / "kill_driver.py"), driver_point, "4", *args]
+            proc = subprocess.run(cmd, cwd=repo, capture_output=True, timeout=600)
+            assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+        else:  # from outside, once the first checkpoint exists
+            proc = subprocess.Popen([sys.executable, str(repo / "main.py"), *args], cwd=repo,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                deadline = time.time() + 600
+                while not (out / "checkpoint-2" / "lightning.ckpt").exists() and proc.poll() is None:
+                    assert time.time() < deadline
+                    time.sleep(0.05)
+                proc.send_signal(signal.SIGKILL)
+            finally:
+                proc.kill()
+                proc.wait()
+        assert not (out / "lora_adapter").exists()  # really interrupted before the end
+        cli_main(_fit_args(tiny_pruned_path, alpaca_json, out, *common, "--ckpt_path", "last"))
+        return _adapter(out)
+
+    for name, point in (("outside", None), ("mid_swap", "mid-swap"), ("before_rename", "before-rename")):
+        resumed = run_killed(tmp_path / name, point)
+        for k in reference:
+            assert torch.allclose(reference[k], resumed[k], atol=1e-6), (name, k)

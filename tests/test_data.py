@@ -29,6 +29,7 @@ from tests.conftest import shared_data
 
 FIXTURE = Path(__file__).parent / "fixtures" / "alpaca_small.json"
 RECORDS = json.loads(FIXTURE.read_text(encoding="utf-8"))
+GOOD = {"instruction": "a", "input": "", "output": "b"}
 
 NO_INPUT_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -369,6 +370,27 @@ def test_dataloader_batches(tok, tmp_path):
     assert sum(b["input_ids"].shape[0] for b in dm.val_dataloader()) == 4
 
 
+def test_huge_field_is_truncated(tok, tmp_path):
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps([{"instruction": "Repeat.", "input": "ab " * 30_000, "output": "ok"}, GOOD]),
+                    encoding="utf-8")
+    dm = make_dm(tok, tmp_path, data_path=str(path), cutoff_len=64, train_on_inputs=True)
+    assert dm.train_dataset.lengths.tolist() == [64, len(ids(tok, NO_INPUT_PROMPT.format("a") + "b"))]
+
+
+def test_init_signature_is_the_config_schema():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(AlpacaDataModule, "data")
+    cfg = parser.parse_args(["--data.data_path=x.json", "--data.cutoff_len=128", "--data.group_by_length=true",
+                             "--data.max_records=10"])
+    assert (cfg.data.data_path, cfg.data.cutoff_len, cfg.data.group_by_length, cfg.data.max_records) == (
+        "x.json", 128, True, 10)
+    assert cfg.data.val_set_size == 2000 and cfg.data.prompt_template_name == "alpaca" and cfg.data.cache_dir is None
+    assert "the maximum number of tokens of prompt + response" in " ".join(parser.format_help().split())
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 
@@ -376,9 +398,6 @@ def write(tmp_path, name: str, text: str) -> str:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
     return str(path)
-
-
-GOOD = {"instruction": "a", "input": "", "output": "b"}
 
 
 @pytest.mark.parametrize(

@@ -55,3 +55,52 @@ def test_hf_directory(tmp_path):
     loaded, ltok = load_pruned(tmp_path / "hf")
     assert loaded.training and ltok.pad_token is not None
     assert layer_shapes(loaded)[1]["intermediate_size"] == 128
+
+
+def test_signature_is_backward_compatible():
+    import inspect
+
+    params = inspect.signature(load_pruned).parameters
+    assert list(params) == ["path", "dtype", "check", "trust_pickle"]
+    assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY for n in ("dtype", "check", "trust_pickle"))
+    assert params["trust_pickle"].default is False and params["check"].default is True
+
+
+def test_default_path_never_calls_torch_load(tiny_pruned_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load must not run on the safe path")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    model, tok = load_pruned(tiny_pruned_path)
+    assert model.training and tok.pad_token_id == 0
+    with pytest.raises(PrunedModelError, match="must not run"):  # the opt-out is the one that unpickles
+        load_pruned(tiny_pruned_path, trust_pickle=True)
+
+
+def test_read_model_keeps_the_stored_state_and_dtype_casts(tmp_path):
+    from lit_recover.model_io import read_model
+    from lit_recover.pruned_folder import save_pruned_folder
+
+    model, tok = build_tiny_pruned()
+    save_pruned_folder(model, tok, tmp_path / "f")
+    raw, raw_tok = read_model(tmp_path / "f")
+    assert not raw.training and raw_tok.pad_token is None  # load_pruned's preparation not applied
+    loaded, _ = load_pruned(tmp_path / "f", dtype="bfloat16")
+    assert loaded.dtype == torch.bfloat16 and loaded.training
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    import os
+
+    from lit_recover.pruned_folder import save_pruned_folder
+
+    umask = os.umask(0o022)
+    try:
+        model, tok = build_tiny_pruned()
+        path = save_pruned(model, tok, tmp_path / "m.bin")
+        folder = save_pruned_folder(model, tok, tmp_path / "f")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}

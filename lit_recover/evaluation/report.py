@@ -1,0 +1,378 @@
+"""The evaluation results schema, in one place: building, checking, writing, comparing, charting.
+
+A results file is a plain JSON object::
+
+    {
+      "schema": "lit-recover/evaluation",  "schema_version": 1,
+      "label": "recovered" | null,          "timestamp": "2025-01-01T12:00:00+00:00",
+      "model": {"class": ..., "source": ..., "num_layers": ..., "layer_shapes": [...]},
+      "environment": {"device": ..., "dtype": ..., "torch_threads": ..., "platform": ..., "versions": {...}},
+      "settings": {...every EvalConfig field...},
+      "metrics": {"ppl": SECTION, "zero_shot": SECTION, "latency": SECTION, "memory": SECTION}
+    }
+
+Every section has a ``status`` (``ok``, ``skipped`` or ``failed``; a ``reason`` when not ok), its
+own ``settings`` and its ``elapsed`` time. Every number is a *measurement*:
+``{"value": <number | null>, "unit": <str>, ...}``, optionally with ``higher_is_better``. An item
+that could not run carries ``status`` and ``reason`` and no value: never a silent zero.
+docs/evaluation.md describes each section's fields.
+
+This module deliberately imports neither torch nor lm-eval: comparing result files stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "lit-recover/evaluation"
+SCHEMA_VERSION = 1
+DELTAS_SCHEMA = "lit-recover/evaluation-deltas"
+
+OK, SKIPPED, FAILED = "ok", "skipped", "failed"
+STATUSES = (OK, SKIPPED, FAILED)
+SECTIONS = ("ppl", "zero_shot", "latency", "memory")
+
+# Subtrees that describe how a number was made rather than being results; the compare table and
+# the deltas leave them out ("details" holds every lm-eval metric behind a task's headline number).
+_NOT_RESULTS = frozenset({"settings", "elapsed"})
+_DETAIL_KEYS = frozenset({"details"})
+# Container keys dropped from the short row names of the compare table.
+_CONTAINERS = frozenset({"datasets", "tasks"})
+
+
+class ResultsFileError(ValueError):
+    """A results file that cannot be read or is not an evaluation results file."""
+
+
+# --------------------------------------------------------------------------- building blocks
+def measurement(value: float | int | None, unit: str, *, higher_is_better: bool | None = None,
+                **extra: Any) -> dict[str, Any]:
+    """A number with its unit. Non-finite floats become ``null`` with ``non_finite`` saying which."""
+    out: dict[str, Any] = {"value": value, "unit": unit}
+    if isinstance(value, float) and not math.isfinite(value):
+        out["value"] = None
+        out["non_finite"] = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if higher_is_better is not None:
+        out["higher_is_better"] = higher_is_better
+    out.update(extra)
+    return out
+
+
+def skipped(reason: str, **extra: Any) -> dict[str, Any]:
+    """An item or section that could not run here (no data offline, no CUDA, ...)."""
+    return {"status": SKIPPED, "reason": reason, **extra}
+
+
+def failed(reason: str, **extra: Any) -> dict[str, Any]:
+    """An item or section that raised or was given bad input; ``reason`` is one line."""
+    return {"status": FAILED, "reason": " ".join(str(reason).split()), **extra}
+
+
+def is_measurement(node: Any) -> bool:
+    return isinstance(node, dict) and "value" in node and "unit" in node
+
+
+def timestamp() -> str:
+    """Now, in UTC, ISO 8601 with seconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def new_results(*, label: str | None, settings: dict[str, Any], model: dict[str, Any],
+                environment: dict[str, Any]) -> dict[str, Any]:
+    """The top level of a results object, with an empty ``metrics`` to fill."""
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "label": label,
+        "timestamp": timestamp(),
+        "model": model,
+        "environment": environment,
+        "settings": settings,
+        "metrics": {},
+    }
+
+
+def validate_results(results: Any, source: str = "results") -> None:
+    """Raise :class:`ResultsFileError` naming the first thing that breaks the schema."""
+    if not isinstance(results, dict):
+        raise ResultsFileError(f"{source}: expected a JSON object, found {type(results).__name__}")
+    if results.get("schema") != SCHEMA:
+        raise ResultsFileError(f"{source}: not an evaluation results file (schema is {results.get('schema')!r}, "
+                               f"expected {SCHEMA!r})")
+    if results.get("schema_version") != SCHEMA_VERSION:
+        raise ResultsFileError(f"{source}: schema_version {results.get('schema_version')!r} is not "
+                               f"{SCHEMA_VERSION}")
+    for key in ("timestamp", "model", "environment", "settings", "metrics"):
+        if key not in results:
+            raise ResultsFileError(f"{source}: missing top-level key {key!r}")
+    for name, section in results["metrics"].items():
+        if name not in SECTIONS:
+            raise ResultsFileError(f"{source}: unknown metric section {name!r}")
+        if not isinstance(section, dict) or section.get("status") not in STATUSES:
+            raise ResultsFileError(f"{source}: metrics.{name} has no valid status")
+        if section["status"] != OK and not section.get("reason"):
+            raise ResultsFileError(f"{source}: metrics.{name} is {section['status']} without a reason")
+
+
+# --------------------------------------------------------------------------- writing
+def _finite(obj: Any) -> Any:
+    """Replace NaN/inf floats (not valid JSON) by null so that a long evaluation is never lost at writing."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        log.warning("a non-finite number (%s) was written as null", obj)
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_results(results: dict, path: str | Path, overwrite: bool = False) -> Path:
+    """Write results as JSON atomically; refuse to replace an existing file unless ``overwrite``.
+
+    Args:
+        results: a results object (or the output of :func:`with_deltas`).
+        path: the JSON file to write; parent folders are created.
+        overwrite: replace an existing file instead of raising ``FileExistsError``.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists; pass overwrite=True (--overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_finite(results), indent=2, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            # A hard link creates the name only if it is still free, so a file that appeared while
+            # we evaluated is not replaced either.
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(
+                    f"{path}: already exists; pass overwrite=True (--overwrite) to replace it") from None
+            except OSError:  # file systems without hard links
+                if path.exists():
+                    raise FileExistsError(
+                        f"{path}: already exists; pass overwrite=True (--overwrite) to replace it") from None
+                os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_results(path: str | Path) -> list[tuple[str | None, dict]]:
+    """Read a results file; a :func:`with_deltas` file gives two entries (before, after).
+
+    Returns:
+        ``[(label, results), ...]``.
+    """
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResultsFileError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ResultsFileError(f"{path}: not valid JSON ({exc})") from exc
+    if isinstance(obj, dict) and obj.get("schema") == DELTAS_SCHEMA:
+        out = []
+        for key in ("before", "after"):
+            validate_results(obj.get(key), f"{path} ({key})")
+            out.append((obj[key].get("label") or key, obj[key]))
+        return out
+    validate_results(obj, str(path))
+    return [(obj.get("label"), obj)]
+
+
+# --------------------------------------------------------------------------- flattening
+def iter_rows(results: dict, *, details: bool = False) -> Iterator[tuple[str, dict]]:
+    """Yield ``(path, leaf)`` for every measurement and every skipped/failed item under ``metrics``.
+
+    ``path`` joins the keys with "/", e.g. ``ppl/datasets/wikitext2``. Settings and timings are left
+    out; ``details=True`` also yields each zero-shot task's full lm-eval metrics.
+    """
+    def walk(node: Any, path: list[str]) -> Iterator[tuple[str, dict]]:
+        if not isinstance(node, dict):
+            return
+        if is_measurement(node):
+            yield "/".join(path), node
+            if not details:
+                return
+        elif node.get("status") in (SKIPPED, FAILED):
+            yield "/".join(path), node
+            return
+        for key, child in node.items():
+            if key in _NOT_RESULTS or (key in _DETAIL_KEYS and not details):
+                continue
+            if isinstance(child, dict):
+                yield from walk(child, [*path, key])
+
+    for name, section in results.get("metrics", {}).items():
+        yield from walk(section, [name])
+
+
+def short_name(path: str) -> str:
+    """``ppl/datasets/wikitext2`` -> ``ppl wikitext2``: the row name in tables and charts."""
+    return " ".join(p for p in path.split("/") if p not in _CONTAINERS)
+
+
+def _number(leaf: dict) -> float | None:
+    v = leaf.get("value") if is_measurement(leaf) else None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def with_deltas(before: dict, after: dict) -> dict:
+    """Both results side by side with ``after - before`` for every measurement present in both.
+
+    Returns:
+        ``{"schema": "lit-recover/evaluation-deltas", "before": ..., "after": ..., "deltas": {path: {
+        "before", "after", "delta", "relative", "unit", "higher_is_better"?, "improved"?}}}``; ``relative``
+        is ``delta / |before|`` (null when before is 0). Items skipped on either side get no delta.
+    """
+    validate_results(before, "before")
+    validate_results(after, "after")
+    b_rows = dict(iter_rows(before, details=True))
+    deltas: dict[str, dict] = {}
+    for path, a_leaf in iter_rows(after, details=True):
+        b_leaf = b_rows.get(path)
+        if b_leaf is None:
+            continue
+        b, a = _number(b_leaf), _number(a_leaf)
+        if b is None or a is None or b_leaf.get("unit") != a_leaf.get("unit"):
+            continue
+        entry: dict[str, Any] = {
+            "before": b, "after": a, "delta": a - b,
+            "relative": (a - b) / abs(b) if b else None, "unit": a_leaf["unit"],
+        }
+        hib = a_leaf.get("higher_is_better")
+        if hib is not None:
+            entry["higher_is_better"] = hib
+            entry["improved"] = (a > b) if hib else (a < b)
+        deltas[path] = entry
+    return {"schema": DELTAS_SCHEMA, "schema_version": SCHEMA_VERSION, "timestamp": timestamp(),
+            "before": before, "after": after, "deltas": deltas}
+
+
+# --------------------------------------------------------------------------- compare table
+def _fmt(leaf: dict | None) -> str:
+    if leaf is None:
+        return "–"
+    if not is_measurement(leaf):
+        return leaf.get("status", "?")
+    v = leaf.get("value")
+    if v is None:
+        return leaf.get("non_finite", "null")
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    unit = leaf.get("unit")
+    if unit == "fraction":
+        text = f"{v:.4f}"
+    elif abs(v) >= 100:
+        text = f"{v:,.1f}"
+    else:
+        text = f"{v:.3f}"
+    if leaf.get("stderr") is not None:
+        text += f" ± {leaf['stderr']:.4f}"
+    return text
+
+
+def comparison_rows(results: Sequence[dict]) -> list[tuple[str, str, list[dict | None]]]:
+    """Rows ``(name, unit, [leaf per results])`` over the union of all results, in first-seen order."""
+    order: list[str] = []
+    per: list[dict[str, dict]] = []
+    for res in results:
+        rows = dict(iter_rows(res))
+        per.append(rows)
+        order.extend(p for p in rows if p not in order)
+    out = []
+    for path in order:
+        leaves = [rows.get(path) for rows in per]
+        unit = next((leaf["unit"] for leaf in leaves if leaf is not None and is_measurement(leaf)), "")
+        out.append((path, unit, leaves))
+    return out
+
+
+def compare_table(results: Sequence[dict], labels: Sequence[str] | None = None) -> str:
+    """A markdown table: one row per metric, one column per results, and last minus first."""
+    if not results:
+        raise ValueError("nothing to compare")
+    labels = list(labels) if labels else [r.get("label") or f"#{i + 1}" for i, r in enumerate(results)]
+    if len(labels) != len(results):
+        raise ValueError(f"{len(labels)} labels for {len(results)} results")
+    with_delta = len(results) > 1
+    head = ["metric", "unit", *labels] + ([f"Δ {labels[-1]} − {labels[0]}"] if with_delta else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    for path, unit, leaves in comparison_rows(results):
+        cells = [short_name(path), unit, *(_fmt(leaf) for leaf in leaves)]
+        if with_delta:
+            first, last = (None if leaf is None else _number(leaf) for leaf in (leaves[0], leaves[-1]))
+            cells.append("" if first is None or last is None else f"{last - first:+.4g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# Rows worth a bar in the chart: the headline numbers, grouped by unit into panels.
+_CHART_UNITS = ("perplexity", "fraction", "ms", "tokens/s", "MiB")
+
+
+def compare_chart(results: Sequence[dict], labels: Sequence[str], path: str | Path,
+                  overwrite: bool = False) -> Path:
+    """Save a PNG of grouped bars (one panel per unit: perplexity, accuracy, latency, memory)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists; pass --overwrite to replace it")
+    panels: dict[str, list[tuple[str, list[float | None]]]] = {}
+    for row_path, unit, leaves in comparison_rows(results):
+        if unit not in _CHART_UNITS or row_path.startswith("memory/parameters"):
+            continue
+        values = [None if leaf is None else _number(leaf) for leaf in leaves]
+        if any(v is not None for v in values):
+            panels.setdefault(unit, []).append((short_name(row_path), values))
+    if not panels:
+        raise ValueError("no numeric results to chart")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 1.2 * max(len(r) for r in panels.values()) + 3),
+                                                      3.2 * len(panels)), squeeze=False)
+    width = 0.8 / len(results)
+    for ax, (unit, rows) in zip(axes[:, 0], panels.items(), strict=True):
+        for j, label in enumerate(labels):
+            xs = [i + (j - (len(results) - 1) / 2) * width for i in range(len(rows))]
+            ys = [vals[j] if vals[j] is not None else 0.0 for _, vals in rows]
+            bars = ax.bar(xs, ys, width, label=label)
+            for bar, (_, vals) in zip(bars, rows, strict=True):
+                if vals[j] is None:  # a missing value is not a zero: mark it
+                    bar.set_alpha(0.0)
+                    ax.annotate("n/a", (bar.get_x() + bar.get_width() / 2, 0), ha="center", va="bottom",
+                                fontsize=7)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([name for name, _ in rows], rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("accuracy" if unit == "fraction" else unit)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

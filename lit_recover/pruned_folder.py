@@ -1,0 +1,216 @@
+"""The pickle-free pruned model: a folder of safetensors weights, config, shape map and tokenizer.
+
+Layout of ``<dir>/``::
+
+    model.safetensors      every weight, by its usual name (a tied lm_head is stored once)
+    config.json            the model config (architectures names the class)
+    layer_shapes.json      {"format": "lit-recover-pruned", "version": 1, "architecture": ...,
+                            "layers": [{"num_attention_heads", "num_key_value_heads", "head_dim",
+                                        "intermediate_size"}, ...]}
+    tokenizer files        whatever ``tokenizer.save_pretrained`` writes
+
+Nothing in it is executable. ``from_pretrained`` alone would build every layer at the config's
+uniform width, so loading builds the layers from the shape map first and then assigns the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lit_recover.model_io import PrunedModelError
+from lit_recover.pruning.structure import layer_shapes
+from lit_recover.rebuild import ARCHITECTURES, RebuildError, build_causal_lm
+
+log = logging.getLogger(__name__)
+
+FORMAT = "lit-recover-pruned"
+FORMAT_VERSION = 1
+SHAPES_FILE = "layer_shapes.json"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+_SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+
+
+def is_pruned_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by :func:`save_pruned_folder` (it has a shape map)."""
+    return (Path(path) / SHAPES_FILE).is_file()
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in state:
+        del state["lm_head.weight"]  # safetensors stores no aliases; loading ties it again
+    seen: dict[int, str] = {}
+    out = {}
+    for key, tensor in state.items():
+        tensor = tensor.detach().to("cpu")
+        ptr = tensor.untyped_storage().data_ptr()
+        # Any other shared storage is written as its own copy rather than refused.
+        out[key] = tensor.clone() if ptr in seen else tensor.contiguous()
+        seen.setdefault(ptr, key)
+    return out
+
+
+def _check_target(directory: Path, overwrite: bool) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise PrunedModelError(f"{directory}: exists and is not a folder")
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        raise PrunedModelError(
+            f"{directory}: folder exists and is not empty; pass overwrite=True (--overwrite true) to replace it"
+        )
+
+
+def save_pruned_folder(model: nn.Module, tokenizer: Any, directory: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a pruned model and its tokenizer as a pickle-free folder, atomically.
+
+    Everything is written to a temporary folder beside ``directory`` and renamed into place, so a
+    crash leaves either the old folder or the new one, never a half-written one.
+
+    Args:
+        model: a LLaMA/Mistral/Qwen2 ``*ForCausalLM`` with pruned (uneven) layers.
+        tokenizer: its tokenizer.
+        directory: the folder to create.
+        overwrite: replace an existing non-empty folder; without it that is an error.
+
+    Returns:
+        ``directory``.
+    """
+    directory = Path(directory)
+    architecture = type(model).__name__
+    if architecture not in ARCHITECTURES:
+        raise PrunedModelError(
+            f"{directory}: cannot save a {architecture}; supported are {', '.join(sorted(ARCHITECTURES))}"
+        )
+    _check_target(directory, overwrite)
+    from safetensors.torch import save_file
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        save_file(_weights(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        config = json.loads(model.config.to_json_string(use_diff=False))
+        config["architectures"] = [architecture]
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        shapes = {"format": FORMAT, "version": FORMAT_VERSION, "architecture": architecture,
+                  "layers": layer_shapes(model)}
+        (tmp / SHAPES_FILE).write_text(json.dumps(shapes, indent=1) + "\n")
+        tokenizer.save_pretrained(str(tmp))
+        _ordinary_permissions(tmp)
+        _place(tmp, directory, overwrite)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote pruned folder %s (%d layers)", directory, len(shapes["layers"]))
+    return directory
+
+
+def _ordinary_permissions(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; give the result the modes a plain mkdir/open would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def _place(tmp: Path, directory: Path, overwrite: bool) -> None:
+    """Rename ``tmp`` to ``directory``; an existing folder is moved aside first and removed last."""
+    _check_target(directory, overwrite)  # again: something may have appeared while writing
+    old = None
+    if directory.is_dir():
+        if any(directory.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
+            os.replace(directory, old / "previous")
+        else:
+            directory.rmdir()
+    os.replace(tmp, directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PrunedModelError(f"{path}: missing") from None
+    except (OSError, ValueError) as exc:
+        raise PrunedModelError(f"{path}: not readable JSON ({exc})") from exc
+
+
+def read_shape_map(directory: str | Path) -> tuple[str | None, list[dict[str, int]]]:
+    """``(architecture, layers)`` from ``layer_shapes.json``, each layer checked for sense."""
+    path = Path(directory) / SHAPES_FILE
+    data = _read_json(path)
+    if isinstance(data, list):  # a bare list of layers is accepted too
+        data = {"layers": data}
+    if not isinstance(data, dict) or not isinstance(data.get("layers"), list) or not data["layers"]:
+        raise PrunedModelError(f"{path}: expected {{'layers': [...]}} with one entry per decoder layer")
+    if data.get("format", FORMAT) != FORMAT or data.get("version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise PrunedModelError(
+            f"{path}: format {data.get('format')!r} version {data.get('version')!r} is not readable here"
+        )
+    layers = []
+    for i, entry in enumerate(data["layers"]):
+        if not isinstance(entry, dict):
+            raise PrunedModelError(f"{path}: layer {i} is not an object")
+        missing = [k for k in _SHAPE_KEYS if k not in entry]
+        bad = [k for k in _SHAPE_KEYS if k in entry and (type(entry[k]) is not int or entry[k] <= 0)]
+        if missing or bad:
+            what = f"lacks {', '.join(missing)}" if missing else f"has non-positive or non-integer {', '.join(bad)}"
+            raise PrunedModelError(f"{path}: layer {i} {what}")
+        if entry["num_attention_heads"] % entry["num_key_value_heads"]:
+            raise PrunedModelError(
+                f"{path}: layer {i}: {entry['num_attention_heads']} query heads do not split into "
+                f"{entry['num_key_value_heads']} KV groups"
+            )
+        layers.append({k: entry[k] for k in _SHAPE_KEYS})
+    return data.get("architecture"), layers
+
+
+def load_pruned_folder(directory: str | Path) -> tuple[nn.Module, Any]:
+    """Load a folder written by :func:`save_pruned_folder`: layers built from the shape map, then weights.
+
+    Returns:
+        ``(model, tokenizer)`` as saved (eval mode, the saved dtype).
+    """
+    directory = Path(directory)
+    architecture, layers = read_shape_map(directory)
+    config = _read_json(directory / CONFIG_FILE)
+    if not isinstance(config, dict):
+        raise PrunedModelError(f"{directory / CONFIG_FILE}: not a JSON object")
+    if architecture is None:
+        architecture = (config.get("architectures") or [None])[0]
+    if architecture not in ARCHITECTURES:
+        raise PrunedModelError(
+            f"{directory / SHAPES_FILE}: architecture {architecture!r} is not one of {', '.join(sorted(ARCHITECTURES))}"
+        )
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise PrunedModelError(f"{weights_path}: missing")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state_dict = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:
+        raise PrunedModelError(f"{weights_path}: not readable safetensors ({exc})") from exc
+    try:
+        model = build_causal_lm(architecture, config, state_dict, shape_map=layers)
+    except RebuildError as exc:
+        raise PrunedModelError(f"{weights_path}: {exc}") from exc
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    except Exception as exc:
+        raise PrunedModelError(f"{directory}: tokenizer files do not load ({type(exc).__name__}: {exc})") from exc
+    return model, tokenizer

@@ -1,0 +1,1 @@
+"""Helpers that run inside the processes the distributed tests launch."""

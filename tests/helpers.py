@@ -1,0 +1,46 @@
+"""Callbacks used by tests through the command line (``--trainer.callbacks+=tests.helpers.…``)."""
+
+import lightning as L
+import torch
+
+
+class StopAtStep(L.Callback):
+    """Stop fitting after optimizer step ``step`` — the run's schedule still spans ``max_steps``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+class PoisonAtStep(L.Callback):
+    """Make the adapter produce NaN from optimizer step ``step`` on (a stand-in for fp16 overflow)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                for name, p in pl_module.named_parameters():
+                    if "lora_B" in name:
+                        p.fill_(float("nan"))
+
+
+class NanLossAtBatch(L.Callback):
+    """Make the loss of one micro-batch NaN (the LM head's output), leaving the weights alone."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self._hook = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.batch:
+            self._hook = pl_module.lm_head.register_forward_hook(lambda m, i, out: out * float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
