@@ -387,7 +387,8 @@ def test_fsdp2_full_checkpoint_resumes_in_one_process(tiny_pruned_path, setting,
     from main import cli_main
 
     saved_env = dict(os.environ)  # Lightning's launcher exports MASTER_PORT, LOCAL_RANK, … for its children
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    # OMP_NUM_THREADS set keeps Lightning from raising the thread count to the core count
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     common = ["fit", "--config", str(CONFIGS / "fsdp.yaml"), "--trainer.strategy.save_distributed_checkpoint", "false"]
     try:
         run = tmp_path / "full"
