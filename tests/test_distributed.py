@@ -40,7 +40,8 @@ LAUNCH_TIMEOUT_S = 480
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK",
             "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
 N_RECORDS, BATCH, MICRO, STEPS = 16, 8, 2, 4
-ATOL = 2e-5  # LoRA weights are O(1e-2) after 4 AdamW steps at lr 1e-2; reduction order moves them ~1e-7
+ATOL = 5e-5  # LoRA B weights reach 2e-2..2e-1 after 4 AdamW steps at lr 1e-2; reduction order (and the
+# clipping norm summed in another order) moved them by up to 8e-6 here
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -345,8 +346,8 @@ def test_fsdp2_two_processes_match_one_and_resume(tiny_pruned_path, setting, ref
 
     base_cmd = [sys.executable, str(MAIN), "fit", "--config", str(CONFIGS / "fsdp.yaml")]
     run_a = tmp_path / "fsdp"
-    launch([([*base_cmd, *fit_args(tiny_pruned_path, setting, run_a, "--trainer.devices", "2")[1:]],
-             clean_env(), REPO)], tmp_path / "logs-a")
+    args_a = fit_args(tiny_pruned_path, setting, run_a, "--trainer.devices", "2", "--save_steps", "1")
+    launch([([*base_cmd, *args_a[1:]], clean_env(), REPO)], tmp_path / "logs-a")
 
     # sharded checkpoints: one file per rank beside the metadata, LoRA tensors only
     shards = run_a / "checkpoint-2" / "lightning.ckpt"
@@ -364,15 +365,17 @@ def test_fsdp2_two_processes_match_one_and_resume(tiny_pruned_path, setting, ref
         assert (merged.eval()(**ids).logits - peft_model(**ids).logits).abs().max() < 1e-4
     assert "FSDP" not in "".join(type(m).__name__ for m in merged.modules())
 
-    # resume from the sharded step-2 checkpoint (an epoch boundary), writing full checkpoints now
+    # resume from the sharded step-3 checkpoint (mid-epoch: 2 of each rank's 4 micro-batches of epoch 1
+    # done), writing full checkpoints now
     run_b = tmp_path / "resumed"
     run_b.mkdir()
-    shutil.copytree(run_a / "checkpoint-2", run_b / "checkpoint-2")
+    shutil.copytree(run_a / "checkpoint-3", run_b / "checkpoint-3")
     launch([([*base_cmd, *fit_args(tiny_pruned_path, setting, run_b, "--trainer.devices", "2", "--ckpt_path", "last",
                                    "--trainer.strategy.save_distributed_checkpoint", "false",
                                    *recorder(run_b / "record"))[1:]],
              clean_env(), REPO)], tmp_path / "logs-b")
-    assert sorted(samples_per_step(run_b / "record")) == [2, 3]  # it did not start over
+    # it went on where the checkpoint stopped, with the records the single process had at that step
+    assert samples_per_step(run_b / "record") == {3: samples_per_step(reference / "record")[3]}
     assert_same_adapter(load_adapter(run_b), adapter, atol=1e-6)
     full = run_b / "checkpoint-4" / "lightning.ckpt"
     assert full.is_file()
