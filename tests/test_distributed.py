@@ -344,9 +344,18 @@ def test_fsdp2_two_processes_match_one_and_resume(tiny_pruned_path, setting, ref
 
     from lit_recover.model_io import load_pruned
 
+    from lit_recover.evaluation import EvalConfig, evaluate_model, with_deltas
+
     base_cmd = [sys.executable, str(MAIN), "fit", "--config", str(CONFIGS / "fsdp.yaml")]
     run_a = tmp_path / "fsdp"
-    args_a = fit_args(tiny_pruned_path, setting, run_a, "--trainer.devices", "2", "--save_steps", "1")
+    text = tmp_path / "held_out.txt"
+    text.write_text("\n\n".join(f"Record {i}: low rank adapters recover pruned models." for i in range(60)))
+    evaluation = EvalConfig(metrics=["ppl"], ppl_datasets=[], ppl_texts={"held_out": str(text)}, limit=3,
+                            progress=False)
+    args_a = fit_args(tiny_pruned_path, setting, run_a, "--trainer.devices", "2", "--save_steps", "1",
+                      "--skip_evaluation", "false", "--evaluation.metrics", "[ppl]", "--evaluation.ppl_datasets", "[]",
+                      "--evaluation.ppl_texts", json.dumps(evaluation.ppl_texts), "--evaluation.limit", "3",
+                      "--evaluation.progress", "false")
     launch([([*base_cmd, *args_a[1:]], clean_env(), REPO)], tmp_path / "logs-a")
 
     # sharded checkpoints: one file per rank beside the metadata, LoRA tensors only
@@ -359,6 +368,15 @@ def test_fsdp2_two_processes_match_one_and_resume(tiny_pruned_path, setting, ref
     # the merged pickle was gathered into plain modules: it loads and equals base + adapter
     merged, tok = load_pruned(run_a / "pruned_model.bin")
     base, _ = load_pruned(tiny_pruned_path)
+    # the evaluation: "before" ran on every rank through the sharded model with the adapter off, "after"
+    # on rank 0's gathered model; both equal the same evaluation of the plain models here
+    results = json.loads((run_a / "evaluation" / "evaluation_results.json").read_text())
+    here = with_deltas(evaluate_model(base.eval(), tok, evaluation, label="pruned"),
+                       evaluate_model(merged.eval(), tok, evaluation, label="recovered"))
+    key = next(k for k in here["deltas"] if k.endswith("held_out"))
+    for when in ("before", "after"):
+        assert results["deltas"][key][when] == pytest.approx(here["deltas"][key][when], rel=1e-4), when
+    assert results["deltas"][key]["before"] != pytest.approx(results["deltas"][key]["after"], rel=1e-3)
     peft_model = PeftModel.from_pretrained(base, run_a / "lora_adapter").eval()
     ids = tok(["Record 3: repeat the text."], return_tensors="pt")
     with torch.no_grad():
