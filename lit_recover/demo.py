@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zero_shot_data_dir", default=None, help="folder with <task>/<split>.jsonl")
     p.add_argument("--limit", type=int, default=None, help="perplexity windows / zero-shot examples per task")
     p.add_argument("--max_steps", type=int, default=None, help="override the config's optimizer steps")
+    p.add_argument("--data_path", default=None,
+                   help="recover on this Alpaca file instead of the demo data (e.g. ../shared/data/alpaca/...)")
     return p.parse_args(argv)
 
 
@@ -98,8 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     _banner(5, total, "LoRA recovery (configs/demo.yaml), merge, measure before and after")
     recovered = out / "recovered"
+    train_data = args.data_path or str(data)
     fit_args = ["fit", "--config", args.config, "--model.pruned_model", str(pruned),
-                "--data.data_path", str(data), "--output_dir", str(recovered), "--overwrite", "true",
+                "--data.data_path", train_data, "--output_dir", str(recovered), "--overwrite", "true",
                 "--evaluation.metrics", json.dumps(metrics), "--evaluation.ppl_datasets", json.dumps(ppl_datasets),
                 "--evaluation.ppl_texts", json.dumps(ppl_texts)]
     if args.ppl_data_dir:

@@ -1,0 +1,177 @@
+"""The training benchmark: the reference recipe's data path, the meter, the ratio table, and a
+quick end-to-end run of both sides on the same batches."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("bench_fit"), importlib.import_module("reference_trainer")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from lit_recover.model_io import prepare_tokenizer
+    from lit_recover.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    prepare_tokenizer(tok)
+    return tok
+
+
+RECORDS = [
+    {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat well, exercise and sleep."},
+    {"instruction": "Summarize the text in one sentence.", "input": "The model was pruned.", "output": "It was pruned."},
+]
+
+
+@pytest.mark.parametrize("add_eos_token", [False, True])
+def test_reference_masks_the_prompt_and_always_ends_with_eos(bench, tokenizer, add_eos_token):
+    _, ref = bench
+    for record in RECORDS:
+        out = ref.tokenize_record(tokenizer, record, cutoff_len=256, add_eos_token=add_eos_token)
+        prompt = tokenizer(ref.generate_prompt(record["instruction"], record["input"]))["input_ids"]
+        assert out["input_ids"][-1] == tokenizer.eos_token_id
+        assert out["input_ids"][: len(prompt)] == prompt
+        assert out["labels"][: len(prompt)] == [-100] * len(prompt)
+        assert out["labels"][len(prompt):] == out["input_ids"][len(prompt):]
+        assert len(out["attention_mask"]) == len(out["input_ids"])
+
+
+def test_reference_truncates_without_eos(bench, tokenizer):
+    _, ref = bench
+    out = ref.tokenize_record(tokenizer, RECORDS[1], cutoff_len=12)
+    assert len(out["input_ids"]) == 12
+    assert out["input_ids"][-1] != tokenizer.eos_token_id
+    assert out["labels"] == [-100] * 12  # the prompt alone fills the cutoff
+
+
+def test_reference_labels_equal_lit_recover_labels_with_add_eos_token(bench, tokenizer):
+    """The benchmark gives lit-recover ``add_eos_token true``: then both sides train on the same tokens."""
+    from lit_recover.data import tokenize_batch
+    from lit_recover.prompts import load_template
+
+    _, ref = bench
+    batch = {k: [r[k] for r in RECORDS] for k in ("instruction", "input", "output")}
+    batch["index"] = [0, 1]
+    for cutoff in (256, 30):
+        ours = tokenize_batch(batch, tokenizer=tokenizer, template=load_template("alpaca"), cutoff_len=cutoff,
+                              train_on_inputs=False, add_eos_token=True)
+        theirs = [ref.tokenize_record(tokenizer, r, cutoff_len=cutoff) for r in RECORDS]
+        assert ours["input_ids"] == [t["input_ids"] for t in theirs]
+        assert ours["labels"] == [t["labels"] for t in theirs]
+
+
+class _Module(torch.nn.Module):
+    pass
+
+
+def test_step_meter_counts_tokens_and_weights_the_loss(bench):
+    fit, _ = bench
+    meter = fit.StepMeter()
+    meter.start()
+    module = _Module().train()
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    meter.forward_pre_hook(module, (), {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": mask})
+    meter.add_loss(2.0, 3)
+    meter.forward_pre_hook(module.eval(), (), {"input_ids": torch.zeros(2, 4, dtype=torch.long)})  # not training
+    meter.add_loss(1.0, 1)
+    meter.optimizer_step_hook(None, (), {})
+    meter.finish()
+    (step,) = meter.steps
+    assert (step["tokens"], step["positions"], step["supervised"]) == (5, 8, 4)
+    assert step["loss"] == pytest.approx((2.0 * 3 + 1.0) / 4)
+    assert step["seconds"] >= 0
+    assert meter.peak_rss_mb > 0
+
+
+def _run(arm, tokens_per_step, seconds, peak, loss=2.0):
+    steps = [{"step": i + 1, "seconds": seconds, "tokens": tokens_per_step, "positions": 2 * tokens_per_step,
+              "supervised": 10, "loss": loss + 0.01 * i} for i in range(4)]
+    return {"arm": arm, "side": arm, "steps": steps, "peak_rss_mb": peak}
+
+
+def test_compare_reports_medians_and_per_pair_ratios(bench):
+    fit, _ = bench
+    runs = [_run("reference", 100, 2.0, 1000), _run("lit", 100, 1.0, 700),
+            _run("reference", 100, 4.0, 1000), _run("lit", 100, 1.0, 900)]
+    out = fit.compare(runs, skip=1, group_by_length=True)
+    tps = out["metrics"]["tokens_per_s"]
+    assert tps["pair_ratios"] == pytest.approx([2.0, 4.0])
+    assert tps["ratio_median"] == pytest.approx(3.0)
+    assert out["metrics"]["peak_memory_mb"]["pair_ratios"] == pytest.approx([0.7, 0.9])
+    assert out["metrics"]["padded_fraction"]["lit_median"] == pytest.approx(0.5)
+    assert out["goals_met"] == {"tokens_per_s": True, "peak_memory_mb": True, "padded_fraction": False}
+    assert out["metrics"]["loss_check"]["within_noise"] is True
+
+
+@pytest.mark.slow
+def test_quick_mode_trains_both_sides_on_the_same_batches(bench, alpaca_json, tmp_path):
+    """Both sides in file order: the same tokens every step, and the same losses (the same math)."""
+    fit, _ = bench
+    report = fit.main(["--quick", "--data", str(alpaca_json), "--pairs", "1", "--steps", "2",
+                       "--scenarios", "sequential", "--threads", "1", "--out", str(tmp_path), "--tag", "perf_t"])
+    written = json.loads((tmp_path / "perf_t.json").read_text())
+    assert (tmp_path / "perf_t.md").read_text().startswith("# Training benchmark")
+    sc = written["scenarios"]["sequential"]
+    ref, lit = (next(r for r in sc["runs"] if r["arm"] == arm) for arm in ("reference", "lit"))
+    assert len(ref["steps"]) == len(lit["steps"]) == 2
+    for a, b in zip(ref["steps"], lit["steps"]):
+        assert (a["tokens"], a["supervised"]) == (b["tokens"], b["supervised"])
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+    assert sc["metrics"]["tokens_per_s"]["ratio_median"] > 0
+    assert report["hardware"]["torch"] == torch.__version__
+
+
+def test_packed_micro_batch_gives_the_padded_loss(bench, tiny_model_and_tokenizer):
+    """The padding-free lever: one packed row with restarting positions has the padded batch's loss."""
+    import torch.nn.functional as F
+
+    from lit_recover.data import PadCollator
+
+    fit, _ = bench
+    model, _ = tiny_model_and_tokenizer
+    gen = torch.Generator().manual_seed(0)
+    features = []
+    for n in (7, 12, 5, 9):
+        ids = torch.randint(3, 300, (n,), generator=gen).tolist()
+        features.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+
+    def loss(batch):
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                             position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+        labels = batch["labels"][:, 1:]
+        keep = labels != -100
+        return F.cross_entropy(model.lm_head(hidden[:, :-1][keep]), labels[keep]), int(keep.sum())
+
+    packed = fit.pack_features(features)
+    assert packed["input_ids"].shape == (1, 33)
+    assert packed["position_ids"][0, 7:9].tolist() == [0, 1]
+    with torch.no_grad():
+        (a, n_a), (b, n_b) = loss(PadCollator(0)(features)), loss(packed)
+    assert n_a == n_b == sum(n - 3 for n in (7, 12, 5, 9))
+    assert float(a) == pytest.approx(float(b), abs=1e-5)
+
+
+def test_earlier_results_are_not_overwritten(bench, tmp_path, capsys):
+    fit, _ = bench
+    for ext in ("json", "md"):
+        (tmp_path / f"perf_x.{ext}").write_text("earlier")
+    with pytest.raises(SystemExit):  # stops at the unknown scenario, after choosing the file name
+        fit.main(["--quick", "--scenarios", "nope", "--out", str(tmp_path), "--tag", "perf_x"])
+    assert "earlier results kept" in capsys.readouterr().out
+    assert (tmp_path / "perf_x.json").read_text() == "earlier"
