@@ -191,22 +191,17 @@ class RecoveryOutputs(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.skip_evaluation or not self.evaluate_before or trainer.ckpt_path:
             return
-        if trainer.is_global_zero:
+        # under FSDP2 every forward of the sharded model is a collective: all ranks run the evaluation
+        if trainer.is_global_zero or is_sharded(pl_module):
             from lit_recover.evaluation import evaluate_model
 
             rank_zero_info("Evaluating the pruned model before recovery …")
             with pl_module.model.disable_adapter():
-                self.before = evaluate_model(
+                before = evaluate_model(
                     pl_module.model, pl_module.tokenizer, self._eval_config(self.before_metrics), label="pruned"
                 )
-        elif is_sharded(pl_module):
-            # under FSDP2 every forward is a collective: the other ranks run the same evaluation
-            from lit_recover.evaluation.suite import evaluate_model
-
-            with pl_module.model.disable_adapter():
-                evaluate_model(
-                    pl_module.model, pl_module.tokenizer, self._eval_config(self.before_metrics), label="pruned"
-                )
+            if trainer.is_global_zero:
+                self.before = before
         wait_for_rank_zero("evaluate-before")
 
     @override

@@ -40,7 +40,8 @@ LAUNCH_TIMEOUT_S = 480
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK",
             "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
 N_RECORDS, BATCH, MICRO, STEPS = 16, 8, 2, 4
-ATOL = 2e-5  # LoRA weights are O(1e-2) after 4 AdamW steps at lr 1e-2; reduction order moves them ~1e-7
+ATOL = 5e-5  # LoRA B weights reach 2e-2..2e-1 after 4 AdamW steps at lr 1e-2; reduction order (and the
+# clipping norm summed in another order) moved them by up to 8e-6 here
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -343,10 +344,19 @@ def test_fsdp2_two_processes_match_one_and_resume(tiny_pruned_path, setting, ref
 
     from lit_recover.model_io import load_pruned
 
+    from lit_recover.evaluation import EvalConfig, evaluate_model, with_deltas
+
     base_cmd = [sys.executable, str(MAIN), "fit", "--config", str(CONFIGS / "fsdp.yaml")]
     run_a = tmp_path / "fsdp"
-    launch([([*base_cmd, *fit_args(tiny_pruned_path, setting, run_a, "--trainer.devices", "2")[1:]],
-             clean_env(), REPO)], tmp_path / "logs-a")
+    text = tmp_path / "held_out.txt"
+    text.write_text("\n\n".join(f"Record {i}: low rank adapters recover pruned models." for i in range(60)))
+    evaluation = EvalConfig(metrics=["ppl"], ppl_datasets=[], ppl_texts={"held_out": str(text)}, limit=3,
+                            progress=False)
+    args_a = fit_args(tiny_pruned_path, setting, run_a, "--trainer.devices", "2", "--save_steps", "1",
+                      "--skip_evaluation", "false", "--evaluation.metrics", "[ppl]", "--evaluation.ppl_datasets", "[]",
+                      "--evaluation.ppl_texts", json.dumps(evaluation.ppl_texts), "--evaluation.limit", "3",
+                      "--evaluation.progress", "false")
+    launch([([*base_cmd, *args_a[1:]], clean_env(), REPO)], tmp_path / "logs-a")
 
     # sharded checkpoints: one file per rank beside the metadata, LoRA tensors only
     shards = run_a / "checkpoint-2" / "lightning.ckpt"
@@ -358,21 +368,32 @@ def test_fsdp2_two_processes_match_one_and_resume(tiny_pruned_path, setting, ref
     # the merged pickle was gathered into plain modules: it loads and equals base + adapter
     merged, tok = load_pruned(run_a / "pruned_model.bin")
     base, _ = load_pruned(tiny_pruned_path)
+    # the evaluation: "before" ran on every rank through the sharded model with the adapter off, "after"
+    # on rank 0's gathered model; both equal the same evaluation of the plain models here
+    results = json.loads((run_a / "evaluation" / "evaluation_results.json").read_text())
+    here = with_deltas(evaluate_model(base.eval(), tok, evaluation, label="pruned"),
+                       evaluate_model(merged.eval(), tok, evaluation, label="recovered"))
+    key = next(k for k in here["deltas"] if k.endswith("held_out"))
+    for when in ("before", "after"):
+        assert results["deltas"][key][when] == pytest.approx(here["deltas"][key][when], rel=1e-4), when
+    assert results["deltas"][key]["before"] != pytest.approx(results["deltas"][key]["after"], rel=1e-3)
     peft_model = PeftModel.from_pretrained(base, run_a / "lora_adapter").eval()
     ids = tok(["Record 3: repeat the text."], return_tensors="pt")
     with torch.no_grad():
         assert (merged.eval()(**ids).logits - peft_model(**ids).logits).abs().max() < 1e-4
     assert "FSDP" not in "".join(type(m).__name__ for m in merged.modules())
 
-    # resume from the sharded step-2 checkpoint (an epoch boundary), writing full checkpoints now
+    # resume from the sharded step-3 checkpoint (mid-epoch: 2 of each rank's 4 micro-batches of epoch 1
+    # done), writing full checkpoints now
     run_b = tmp_path / "resumed"
     run_b.mkdir()
-    shutil.copytree(run_a / "checkpoint-2", run_b / "checkpoint-2")
+    shutil.copytree(run_a / "checkpoint-3", run_b / "checkpoint-3")
     launch([([*base_cmd, *fit_args(tiny_pruned_path, setting, run_b, "--trainer.devices", "2", "--ckpt_path", "last",
                                    "--trainer.strategy.save_distributed_checkpoint", "false",
                                    *recorder(run_b / "record"))[1:]],
              clean_env(), REPO)], tmp_path / "logs-b")
-    assert sorted(samples_per_step(run_b / "record")) == [2, 3]  # it did not start over
+    # it went on where the checkpoint stopped, with the records the single process had at that step
+    assert samples_per_step(run_b / "record") == {3: samples_per_step(reference / "record")[3]}
     assert_same_adapter(load_adapter(run_b), adapter, atol=1e-6)
     full = run_b / "checkpoint-4" / "lightning.ckpt"
     assert full.is_file()
@@ -387,7 +408,8 @@ def test_fsdp2_full_checkpoint_resumes_in_one_process(tiny_pruned_path, setting,
     from main import cli_main
 
     saved_env = dict(os.environ)  # Lightning's launcher exports MASTER_PORT, LOCAL_RANK, … for its children
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    # OMP_NUM_THREADS set keeps Lightning from raising the thread count to the core count
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     common = ["fit", "--config", str(CONFIGS / "fsdp.yaml"), "--trainer.strategy.save_distributed_checkpoint", "false"]
     try:
         run = tmp_path / "full"
