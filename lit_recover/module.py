@@ -269,7 +269,8 @@ class LoRARecoveryModule(L.LightningModule):
 
     @override
     def on_validation_epoch_end(self) -> None:
-        self.log("val/ppl", torch.exp(self.val_nll.compute()), prog_bar=True)
+        # compute() already reduces over ranks; sync_dist averages identical values (and says so)
+        self.log("val/ppl", torch.exp(self.val_nll.compute()), prog_bar=True, sync_dist=True)
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
