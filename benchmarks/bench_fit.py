@@ -639,7 +639,9 @@ def markdown(report: dict[str, Any]) -> str:
     for name, sc in report["scenarios"].items():
         base, cand = sc["arms"]
         s = sc["settings"][base]
-        extra = {a: " ".join(sc["settings"][a]["lit_args"]) for a in sc["arms"] if sc["settings"][a]["lit_args"]}
+        # lit_args go to the lit-recover side only
+        extra = {a: " ".join(sc["settings"][a]["lit_args"]) for a in sc["arms"]
+                 if sc["settings"][a]["lit_args"] and a != "reference"}
         lines += [f"## {name}", "", sc.get("description", ""), "",
                   f"{len(sc['runs']) // 2} pair(s), {s['steps']} optimizer steps per run, batch {s['batch_size']} "
                   f"(micro {s['micro_batch_size']}), cutoff {s['cutoff_len']}, group_by_length "
