@@ -341,11 +341,6 @@ class LoRARecoveryModule(L.LightningModule):
         return merged
 
     # --- checkpoints: the adapter, not the frozen base ----------------------------------------
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable (LoRA) tensors of this module's state dict."""
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in trainable}
-
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {
