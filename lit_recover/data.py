@@ -748,6 +748,19 @@ class AlpacaDataModule(L.LightningDataModule):
         }
         log.info("%s: %s", self.data_path, ", ".join(f"{k}={v}" for k, v in self.stats.items()))
 
+    def _sampler(self, dataset: TokenizedDataset, shuffle: bool) -> ShardedBatchSampler:
+        """This rank's batch sampler over ``dataset`` (shuffled for training, fixed for validation)."""
+        rank, world = _rank_and_world(self.trainer)
+        return ShardedBatchSampler(
+            dataset.lengths,
+            self.micro_batch_size,
+            shuffle=shuffle,
+            group_by_length=self.group_by_length,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+        )
+
     def _loader(self, dataset: TokenizedDataset, sampler: ShardedBatchSampler) -> DataLoader:
         pad_id, _ = self._tokenizer_ids()
         return DataLoader(
@@ -766,16 +779,7 @@ class AlpacaDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled (or length-grouped) micro-batches of this rank's shard."""
         dataset = self._require_setup()
-        rank, world = _rank_and_world(self.trainer)
-        sampler = ShardedBatchSampler(
-            dataset.lengths,
-            self.micro_batch_size,
-            shuffle=True,
-            group_by_length=self.group_by_length,
-            seed=self.seed,
-            rank=rank,
-            world_size=world,
-        )
+        sampler = self._sampler(dataset, shuffle=True)
         self._apply_resume(sampler)
         self.train_sampler = sampler
         return self._loader(dataset, sampler)
@@ -785,14 +789,4 @@ class AlpacaDataModule(L.LightningDataModule):
         self._require_setup()
         if self.val_dataset is None:
             return []
-        rank, world = _rank_and_world(self.trainer)
-        sampler = ShardedBatchSampler(
-            self.val_dataset.lengths,
-            self.micro_batch_size,
-            shuffle=False,
-            group_by_length=self.group_by_length,
-            seed=self.seed,
-            rank=rank,
-            world_size=world,
-        )
-        return self._loader(self.val_dataset, sampler)
+        return self._loader(self.val_dataset, self._sampler(self.val_dataset, shuffle=False))
