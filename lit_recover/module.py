@@ -1,7 +1,8 @@
 """``LoRARecoveryModule``: the PEFT-wrapped pruned model, its training step, optimizer and metrics.
 
 Options that turn features on: ``gradient_checkpointing`` (recompute activations in the backward
-pass), ``optimizer`` / ``lr_scheduler`` (any torch optimizer and scheduler through LightningCLI;
+pass), ``lean_lora`` (on by default: LoRA layers keep boolean dropout masks and a shared input
+for the backward pass instead of PEFT's two float copies per layer; same math), ``optimizer`` / ``lr_scheduler`` (any torch optimizer and scheduler through LightningCLI;
 default AdamW with LLM-Pruner's linear warm-up then linear decay), ``trust_pickle`` (plain
 ``torch.load`` of the pruned pickle instead of the safe loader).
 """
@@ -25,6 +26,7 @@ from typing_extensions import override
 
 from lit_recover.data import IGNORE_INDEX
 from lit_recover.distributed import ShardedModel, gather_merged, gather_trainable, shard_lora_model
+from lit_recover.lora import use_lean_lora
 from lit_recover.model_io import load_pruned
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,8 @@ class LoRARecoveryModule(L.LightningModule):
         optimizer: optional optimizer factory (LightningCLI ``--model.optimizer``); overrides the default AdamW.
         lr_scheduler: optional scheduler factory; overrides the default warm-up/decay schedule.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
+        lean_lora: run the LoRA branches through ``lit_recover.lora.LoRABranch``: the same outputs,
+            gradients and dropout draws as PEFT, with less activation memory (``false``: PEFT's forward).
         trust_pickle: load the pickle with plain ``torch.load`` (executes code named by the file).
         torch_dtype: dtype of the frozen base weights (``float32``, ``bfloat16``, ``float16``); ``None``
             picks float32 (mixed precision keeps fp32 masters).
@@ -110,6 +114,7 @@ class LoRARecoveryModule(L.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         gradient_checkpointing: bool = False,
+        lean_lora: bool = True,
         trust_pickle: bool = False,
         torch_dtype: str | None = None,
         attn_implementation: str | None = None,
@@ -158,7 +163,10 @@ class LoRARecoveryModule(L.LightningModule):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
             base.config.use_cache = False
-        return get_peft_model(base, config)
+        model = get_peft_model(base, config)
+        if hp.lean_lora:
+            use_lean_lora(model)
+        return model
 
     def _log_parameter_counts(self) -> None:
         trainable, total = self.parameter_counts()

@@ -1,0 +1,104 @@
+"""A memory-lean forward for PEFT's LoRA ``Linear`` layers: the same math, fewer saved activations.
+
+PEFT computes a LoRA branch as ``lora_B(lora_A(dropout(x))) * scaling``. For the backward pass autograd
+then keeps, per adapted layer, the dropout's noise and the dropped-out input: two full-size copies of
+``x`` (on CPU the noise is a float tensor), although ``q_proj``, ``k_proj`` and ``v_proj`` (and
+``gate_proj``, ``up_proj``) read one and the same ``x``. With LoRA on all seven projections of a LLaMA
+layer that is about half of the layer's activation memory.
+
+``LoRABranch`` keeps the input ``x`` itself (one reference, shared by the layers that read it) and the
+dropout mask as booleans (1 byte per element), and recomputes the dropped-out input in the backward
+pass. The mask is drawn with ``bernoulli_`` from the same generator in the same order as
+``nn.Dropout`` draws it, so with the same seed the outputs, the gradients and the random draws equal
+PEFT's (tested).
+
+``use_lean_lora(model)`` switches the adapted ``Linear`` layers of a PEFT model to it. Layers it cannot
+serve take PEFT's own forward: merged or disabled adapters, several active adapters, LoRA variants
+(DoRA, ...), per-request ``adapter_names``, and autocast (mixed precision), where PEFT's path runs.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoRABranch(torch.autograd.Function):
+    """``dropout(x) @ A.T @ B.T * scaling`` saving ``x`` (shared), a boolean mask and the rank-r middle."""
+
+    @staticmethod
+    def forward(ctx, x, weight_a, weight_b, mask, keep_scale: float, scaling: float):
+        dropped = x if mask is None else x.mul(mask).mul_(keep_scale)
+        middle = F.linear(dropped, weight_a)
+        out = F.linear(middle, weight_b).mul_(scaling)
+        ctx.save_for_backward(x, weight_a, weight_b, mask, middle)
+        ctx.keep_scale, ctx.scaling = keep_scale, scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight_a, weight_b, mask, middle = ctx.saved_tensors
+        grad_out = grad_out * ctx.scaling
+        grad_middle = grad_out @ weight_b
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).t() @ middle.reshape(-1, middle.shape[-1])
+        if ctx.needs_input_grad[1]:
+            dropped = x if mask is None else x.mul(mask).mul_(ctx.keep_scale)
+            grad_a = grad_middle.reshape(-1, grad_middle.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_middle @ weight_a
+            if mask is not None:
+                grad_x = grad_x.mul_(mask).mul_(ctx.keep_scale)
+        return grad_x, grad_a, grad_b, None, None, None
+
+
+def _dropout_p(dropout: nn.Module) -> float | None:
+    """The drop probability of an active dropout, 0 for none, ``None`` for a module this path cannot mimic."""
+    if isinstance(dropout, nn.Identity):
+        return 0.0
+    if type(dropout) is nn.Dropout and not dropout.inplace:
+        return float(dropout.p) if dropout.training else 0.0
+    return None
+
+
+def _lean_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``peft.tuners.lora.layer.Linear.forward`` for one plain adapter, through ``LoRABranch``."""
+    adapters = [a for a in self.active_adapters if a in self.lora_A]
+    plain = (
+        not args and not kwargs and not self.disable_adapters and not self.merged and len(adapters) == 1
+        and adapters[0] not in self.lora_variant and not torch.is_autocast_enabled(x.device.type)
+    )
+    p = _dropout_p(self.lora_dropout[adapters[0]]) if plain else None
+    lora_a = self.lora_A[adapters[0]].weight if plain else None
+    if p is None or lora_a.dtype != x.dtype:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    mask = None
+    if p > 0.0:
+        # the draws nn.Dropout would make (same generator, same order), kept as booleans
+        mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+    branch = LoRABranch.apply(
+        x, lora_a, self.lora_B[adapters[0]].weight, mask, 1.0 / (1.0 - p), self.scaling[adapters[0]]
+    )
+    return result + branch
+
+
+def use_lean_lora(model: nn.Module) -> int:
+    """Route the LoRA ``Linear`` layers of a PEFT model through ``LoRABranch``; returns how many.
+
+    The switch lives on the layer instances: ``merge_and_unload`` replaces them by their base layers,
+    so merged models carry nothing of it.
+    """
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    count = 0
+    for module in model.modules():
+        if type(module) is LoraLinear:
+            module.forward = types.MethodType(_lean_forward, module)
+            count += 1
+    return count
