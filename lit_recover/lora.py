@@ -8,9 +8,11 @@ layer that is about half of the layer's activation memory.
 
 ``LoRABranch`` keeps the input ``x`` itself (one reference, shared by the layers that read it) and the
 dropout mask as booleans (1 byte per element), and recomputes the dropped-out input in the backward
-pass. The mask is drawn with ``bernoulli_`` from the same generator in the same order as
-``nn.Dropout`` draws it, so with the same seed the outputs, the gradients and the random draws equal
-PEFT's (tested).
+pass. The mask is ``torch.rand(x.shape) < 1 - p`` from the global generator: the distribution of
+``nn.Dropout`` (each element kept with probability ``1 - p``, then scaled by ``1 / (1 - p)``), drawn
+about 3x faster than ``bernoulli_`` on CPU, where drawing the masks of seven projections is ~10 % of a
+step. Given the same masks, outputs and gradients equal PEFT's (tested); the draws themselves differ
+from ``nn.Dropout``'s, as two seeds do.
 
 ``use_lean_lora(model)`` switches the adapted ``Linear`` layers of a PEFT model to it. Layers it cannot
 serve take PEFT's own forward: merged or disabled adapters, several active adapters, LoRA variants
@@ -57,6 +59,11 @@ class LoRABranch(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None
 
 
+def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout's keep mask for ``x``: each element ``True`` with probability ``1 - p``, independently."""
+    return torch.rand(x.shape, device=x.device) < (1.0 - p)
+
+
 def _dropout_p(dropout: nn.Module) -> float | None:
     """The drop probability of an active dropout, 0 for none, ``None`` for a module this path cannot mimic."""
     if isinstance(dropout, nn.Identity):
@@ -78,10 +85,7 @@ def _lean_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Ten
     if p is None or lora_a.dtype != x.dtype:
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
-    mask = None
-    if p > 0.0:
-        # the draws nn.Dropout would make (same generator, same order), kept as booleans
-        mask = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+    mask = keep_mask(x, p) if p > 0.0 else None
     branch = LoRABranch.apply(
         x, lora_a, self.lora_B[adapters[0]].weight, mask, 1.0 / (1.0 - p), self.scaling[adapters[0]]
     )

@@ -7,7 +7,20 @@ import copy
 import pytest
 import torch
 
-from lit_recover.lora import LoRABranch, use_lean_lora
+from lit_recover.lora import LoRABranch, keep_mask, use_lean_lora
+
+
+class MaskDropout(torch.nn.Module):
+    """PEFT's dropout with the lean path's mask: the reference for exact comparisons."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        return x.mul(keep_mask(x, self.p)).mul_(1.0 / (1.0 - self.p))
 
 
 def _peft_model(dropout: float, seed: int = 0):
@@ -42,6 +55,9 @@ def test_lean_lora_equals_peft(dropout):
     reference = _peft_model(dropout)
     lean = copy.deepcopy(reference)
     assert use_lean_lora(lean) == 4 * 7  # every adapted projection of the 4 layers
+    for layer in reference.modules():
+        if hasattr(layer, "lora_dropout"):
+            layer.lora_dropout["default"] = MaskDropout(dropout)
     ids = torch.randint(3, 300, (3, 17))
     mask = torch.ones_like(ids)
     mask[0, :5] = 0  # left padding in one row
@@ -52,13 +68,38 @@ def test_lean_lora_equals_peft(dropout):
         assert ref_grads.keys() == lean_grads.keys()
         for name in ref_grads:
             torch.testing.assert_close(lean_grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
-    # and the generator is left where PEFT leaves it
+    # and the generator is left where the reference leaves it
     torch.manual_seed(3)
     reference(input_ids=ids)
     after_ref = torch.rand(1)
     torch.manual_seed(3)
     lean(input_ids=ids)
     assert torch.equal(torch.rand(1), after_ref)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_keep_mask_rate(p):
+    torch.manual_seed(0)
+    mask = keep_mask(torch.empty(400, 1000), p)
+    assert mask.dtype == torch.bool and mask.shape == (400, 1000)
+    assert abs(mask.float().mean().item() - (1 - p)) < 0.003
+    assert not torch.equal(mask, keep_mask(torch.empty(400, 1000), p))  # fresh draws each call
+
+
+def test_lean_lora_dropout_statistics_match_peft():
+    """With PEFT's own nn.Dropout the draws differ, but the branch has the same mean and spread."""
+    reference = _peft_model(0.3)
+    lean = copy.deepcopy(reference)
+    use_lean_lora(lean)
+    x = torch.randn(64, 64)
+    ref_layer = reference.base_model.model.model.layers[0].self_attn.q_proj
+    lean_layer = lean.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        ref_out = torch.stack([ref_layer(x) for _ in range(200)])
+        lean_out = torch.stack([lean_layer(x) for _ in range(200)])
+    standard_error = ((lean_out.var(0) + ref_out.var(0)) / len(lean_out)).sqrt()
+    assert ((lean_out.mean(0) - ref_out.mean(0)).abs() <= 6 * standard_error + 1e-6).all()
+    torch.testing.assert_close(lean_out.std(0).mean(), ref_out.std(0).mean(), atol=0.0, rtol=0.05)
 
 
 def test_lean_lora_eval_and_merge():
