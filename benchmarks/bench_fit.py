@@ -714,6 +714,11 @@ LEVERS: dict[str, tuple[str, Any, Any]] = {
         lambda s: s,
         lambda s: dataclasses.replace(s, lit_args=[*s.lit_args, "--model.optimizer",
                                                    _FUSED_ADAMW % s.learning_rate])),
+    "lean_lora": (
+        "LoRA branches through lit_recover.lora.LoRABranch: boolean dropout masks drawn with torch.rand "
+        "and the shared input kept for backward (off: PEFT's forward, two float copies per adapted layer)",
+        lambda s: dataclasses.replace(s, lit_args=[*s.lit_args, "--model.lean_lora", "false"]),
+        lambda s: dataclasses.replace(s, lit_args=[*s.lit_args, "--model.lean_lora", "true"])),
     "loader_worker": (
         "one DataLoader worker process (off: batches collated in the training process)",
         lambda s: s, lambda s: dataclasses.replace(s, lit_args=[*s.lit_args, "--data.num_workers", "1"])),

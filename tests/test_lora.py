@@ -163,3 +163,24 @@ def test_lora_branch_gradcheck():
     mask = torch.rand(2, 3, 5) > 0.3
     assert torch.autograd.gradcheck(lambda x, a, b: LoRABranch.apply(x, a, b, mask, 1 / 0.7, 2.0), (x, a, b))
     assert torch.autograd.gradcheck(lambda x, a, b: LoRABranch.apply(x, a, b, None, 1.0, 0.5), (x, a, b))
+
+
+def test_lean_lora_under_activation_checkpointing_draws_the_same_masks():
+    """The recomputed forward redraws the dropout masks from the restored RNG state: same gradients."""
+    plain = _peft_model(0.2)
+    plain.config.use_cache = False
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    use_lean_lora(plain)
+    use_lean_lora(checkpointed)
+    ids = torch.randint(3, 300, (2, 12))
+    mask = torch.ones_like(ids)
+    loss, grads = _loss_and_grads(plain, ids, mask, seed=5)
+    calls = []
+    layer = checkpointed.base_model.model.model.layers[1].mlp.up_proj
+    layer.register_forward_hook(lambda *args: calls.append(1))
+    ck_loss, ck_grads = _loss_and_grads(checkpointed, ids, mask, seed=5)
+    assert len(calls) == 2  # the layer ran again in the backward pass
+    torch.testing.assert_close(ck_loss, loss)
+    for name in grads:
+        torch.testing.assert_close(ck_grads[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
