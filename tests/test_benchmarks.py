@@ -175,3 +175,24 @@ def test_earlier_results_are_not_overwritten(bench, tmp_path, capsys):
         fit.main(["--quick", "--scenarios", "nope", "--out", str(tmp_path), "--tag", "perf_x"])
     assert "earlier results kept" in capsys.readouterr().out
     assert (tmp_path / "perf_x.json").read_text() == "earlier"
+
+
+def test_ppl_benchmark_gives_the_reference_loops_perplexity(tmp_path):
+    """bench_ppl: lit-recover's loop and LLM-Pruner's score the same chunks to the same perplexity."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        bench_ppl = importlib.import_module("bench_ppl")
+    finally:
+        sys.path.remove(str(BENCH))
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"Row {i}: the pruned model reads this sentence number {i}." for i in range(400)))
+    report = bench_ppl.main(["--quick", "--data", str(text), "--limit", "6", "--pairs", "1",
+                             "--out", str(tmp_path / "out")])
+    result = report["result"]
+    assert report["n_chunks"] == 6
+    assert result["ppl"]["relative_difference"] < 1e-5
+    assert 1.0 < result["ppl"]["lit"] < 1e4
+    assert [r["side"] for r in result["runs"]] == ["reference", "lit"]
+    saved = json.loads((tmp_path / "out" / "perf_ppl_quick.json").read_text())
+    assert saved["result"]["ppl"] == result["ppl"]
+    assert "| perplexity |" in (tmp_path / "out" / "perf_ppl_quick.md").read_text()
