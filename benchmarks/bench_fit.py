@@ -861,11 +861,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     text = markdown(report)
     print(text)
     if not args.no_write:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{tag}.json").write_text(json.dumps(report, indent=1))
-        (out / f"{tag}.md").write_text(text + "\n")
-        print(f"wrote {out / (tag + '.json')} and {out / (tag + '.md')}")
+        write_report(out, tag, report, text)
     return report
+
+
+def write_report(out: Path, tag: str, report: dict[str, Any], text: str) -> None:
+    """``<out>/<tag>.json`` (the numbers) and ``<tag>.md`` (the table)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{tag}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{tag}.md").write_text(text + "\n")
+    print(f"wrote {out / (tag + '.json')} and {out / (tag + '.md')}")
 
 
 if __name__ == "__main__":

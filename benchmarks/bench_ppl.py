@@ -19,7 +19,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_fit import hardware  # noqa: E402
+from bench_fit import hardware, write_report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "ppl" / "wikitext2_test.txt"
@@ -168,10 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "result": run(model, chunks, args.pairs, args.batch_size)}
     text_md = markdown(report)
     print(text_md)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{tag}.json").write_text(json.dumps(report, indent=1))
-    (out / f"{tag}.md").write_text(text_md + "\n")
-    print(f"wrote {out / (tag + '.json')} and {out / (tag + '.md')}")
+    write_report(out, tag, report, text_md)
     return report
 
 
