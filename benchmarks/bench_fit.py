@@ -73,7 +73,7 @@ class FitSettings:
         full_logits: lit-recover computes the LM head and cross-entropy over every position, as the
             reference does (turns the supervised-positions-only lever off, for measuring it).
         padding_free: lit-recover packs each micro-batch into one row with per-sequence position ids
-            (a proposed lever: no compute on padding, the same loss).
+            (``--data.padding_free true``: no compute on padding, the same loss).
     """
 
     model: str
@@ -267,6 +267,7 @@ def lit_cli_args(s: FitSettings, output_dir: Path) -> list[str]:
         # the recipe always appends EOS to prompt+response (its add_eos_token flag only changes
         # how the prompt length is counted); lit-recover does so with add_eos_token
         "--data.add_eos_token", "true",
+        "--data.padding_free", str(s.padding_free).lower(),
         "--model.learning_rate", str(s.learning_rate),
         "--model.warmup_steps", str(s.warmup_steps),
         "--model.lora_r", str(s.lora_r),
@@ -302,42 +303,6 @@ def _full_logits_loss(pl_module):
     return loss
 
 
-def pack_features(features, pad_id: int = 0) -> dict[str, Any]:
-    """A micro-batch as one row without padding: sequences back to back, positions restarting at 0.
-
-    With ``position_ids`` and no attention mask, transformers (>= 4.53) builds a block-causal mask,
-    so no token attends across sequences; the first label of every sequence is ignored, so no token
-    is predicted from the previous sequence. The loss equals that of the padded micro-batch.
-    """
-    import torch
-
-    ids, labels, positions = [], [], []
-    for f in features:
-        n = len(f["input_ids"])
-        ids += list(f["input_ids"])
-        labels += [IGNORE_INDEX, *list(f["labels"])[1:]]
-        positions += range(n)
-    as_row = lambda v: torch.tensor([v], dtype=torch.long)  # noqa: E731
-    return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(positions)}
-
-
-def _packed_loss(pl_module):
-    """``supervised_loss`` for packed rows: passes the position ids to the decoder."""
-    import torch.nn.functional as F
-
-    def loss(batch):
-        hidden = pl_module.backbone(
-            input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
-            attention_mask=batch.get("attention_mask"), use_cache=False,
-        ).last_hidden_state
-        labels = batch["labels"][:, 1:]
-        keep = labels != IGNORE_INDEX
-        logits = pl_module.lm_head(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), labels[keep]), int(keep.sum())
-
-    return loss
-
-
 def run_lit_worker(s: FitSettings, workdir: Path) -> dict[str, Any]:
     """lit-recover's ``main.py fit`` (the RecoveryCLI) with the meter attached as a callback."""
     import lightning as L
@@ -355,8 +320,6 @@ def run_lit_worker(s: FitSettings, workdir: Path) -> dict[str, Any]:
             original_init(self, *args, **{**kwargs, "shuffle": False})
 
         data_module.ShardedBatchSampler.__init__ = unshuffled_init
-    if s.padding_free:
-        data_module.PadCollator.__call__ = lambda self, features: pack_features(features, self.pad_id)
 
     class Meter(L.Callback):
         def on_train_start(self, trainer, pl_module) -> None:
@@ -372,8 +335,6 @@ def run_lit_worker(s: FitSettings, workdir: Path) -> dict[str, Any]:
 
             if s.full_logits:
                 original = _full_logits_loss(pl_module)
-            elif s.padding_free:
-                original = _packed_loss(pl_module)
             pl_module.supervised_loss = supervised_loss
             trainer.optimizers[0].register_step_post_hook(meter.optimizer_step_hook)
             meter.start()
@@ -686,12 +647,11 @@ def _loads(v: Any) -> str:
 SCENARIOS = {
     "defaults": "The seed's defaults (random order), both sides.",
     "group_by_length": "Length-grouped sampling on both sides.",
-    "padding_free": "The seed's defaults; lit-recover with padding-free micro-batches (a proposed change, "
-                    "applied by the benchmark).",
+    "padding_free": "The seed's defaults; lit-recover with padding-free micro-batches (--data.padding_free).",
     "same_batches": "The seed's defaults, both sides in the order of the drawn records (a random order): the "
                     "same micro-batches on both sides, so memory and speed compare like for like.",
-    "same_batches_padding_free": "As same_batches, lit-recover with padding-free micro-batches (a proposed "
-                                 "change, applied by the benchmark).",
+    "same_batches_padding_free": "As same_batches, lit-recover with padding-free micro-batches "
+                                 "(--data.padding_free).",
     "sequential": "Both sides in the file's order with LoRA dropout 0: the same batches, so the per-step "
                   "losses must agree (the math check).",
 }

@@ -397,6 +397,53 @@ class PadCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def _require_packing_support() -> None:
+    """Packed rows are only safe where transformers masks across sequences from ``position_ids``."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("4.53"):
+        raise DataError(
+            f"padding_free needs transformers >= 4.53 (found {transformers.__version__}): older versions "
+            "would let packed sequences attend to each other; set --data.padding_free false"
+        )
+
+
+class PackCollator:
+    """A micro-batch as one row without padding: the sequences back to back (``padding_free``).
+
+    ``position_ids`` restart at 0 for every sequence and there is no attention mask: transformers
+    (>= 4.53) then builds a block-causal mask from the positions, so no token attends to another
+    sequence. The first label of every sequence is ``IGNORE_INDEX``, so no token is predicted from
+    the end of the previous sequence. The loss equals that of the padded micro-batch (tested); the
+    decoder computes nothing on padding, and its activations grow with the real tokens, not with
+    ``micro_batch_size ×`` the longest sequence.
+
+    Args:
+        pad_id: unused (no padding); kept so that both collators are built alike.
+    """
+
+    def __init__(self, pad_id: int = 0):
+        self.pad_id = int(pad_id)
+
+    def __call__(self, features: Sequence[dict[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            if len(f["labels"]) != n:
+                raise ValueError(f"batch row {row}: {n} input ids but {len(f['labels'])} labels")
+            ids.extend(int(t) for t in f["input_ids"])
+            labels.append(IGNORE_INDEX)
+            labels.extend(int(t) for t in list(f["labels"])[1:])
+            positions.extend(range(n))
+        as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
+        return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(positions)}
+
+
 def padding_fraction(batch: dict[str, torch.Tensor]) -> float:
     """The share of positions in a padded batch that are padding (0 = no waste)."""
     mask = batch["attention_mask"]
@@ -566,6 +613,9 @@ class AlpacaDataModule(L.LightningDataModule):
         train_on_inputs: also train on the prompt tokens; when false their labels are ignored.
         add_eos_token: append EOS to every sequence that was not truncated.
         group_by_length: batch records of similar length together (less padding).
+        padding_free: pack each micro-batch into one row without padding (``PackCollator``): the
+            same loss, no compute on padding, activation memory in proportion to the real tokens.
+            Needs transformers >= 4.53 (block-causal masks from ``position_ids``).
         batch_size: the global batch size (gradient accumulation is derived from it elsewhere).
         micro_batch_size: records per forward pass on one device (the DataLoader batch).
         num_workers: DataLoader worker processes.
@@ -586,6 +636,7 @@ class AlpacaDataModule(L.LightningDataModule):
         train_on_inputs: bool = False,
         add_eos_token: bool = False,
         group_by_length: bool = False,
+        padding_free: bool = False,
         batch_size: int = 64,
         micro_batch_size: int = 4,
         num_workers: int = 0,
@@ -610,6 +661,9 @@ class AlpacaDataModule(L.LightningDataModule):
         self.train_on_inputs = train_on_inputs
         self.add_eos_token = add_eos_token
         self.group_by_length = group_by_length
+        if padding_free:
+            _require_packing_support()
+        self.padding_free = padding_free
         self.batch_size = batch_size
         self.micro_batch_size = micro_batch_size
         self.num_workers = num_workers
@@ -766,7 +820,7 @@ class AlpacaDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_sampler=sampler,
-            collate_fn=PadCollator(pad_id),
+            collate_fn=(PackCollator if self.padding_free else PadCollator)(pad_id),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -215,7 +215,8 @@ class LoRARecoveryModule(L.LightningModule):
         materialising vocabulary-sized logits for prompt and padding positions.
         """
         hidden = self.backbone(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"), use_cache=False,
         ).last_hidden_state
         labels = batch["labels"][:, 1:]
         keep = labels != IGNORE_INDEX
@@ -228,14 +229,14 @@ class LoRARecoveryModule(L.LightningModule):
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         loss, n = self.supervised_loss(batch)
-        bsz = batch["input_ids"].shape[0]
+        positions = batch.get("position_ids")  # a packed row holds several sequences
+        bsz = int((positions == 0).sum()) if positions is not None else batch["input_ids"].shape[0]
         if stage == "train":
             self.log("train/loss", loss, prog_bar=True, batch_size=bsz)
-            if "attention_mask" in batch:
-                mask = batch["attention_mask"]
-                real = int(mask.sum())
-                self.log("train/padding_fraction", 1.0 - real / mask.numel(), batch_size=bsz)
-                self._tokens_in_step += real
+            mask = batch.get("attention_mask")
+            real = int(mask.sum()) if mask is not None else batch["input_ids"].numel()  # packed: no padding
+            self.log("train/padding_fraction", 1.0 - real / batch["input_ids"].numel(), batch_size=bsz)
+            self._tokens_in_step += real
         else:
             self.val_nll.update(loss.detach(), weight=max(n, 1))
             self.log("val/loss", self.val_nll, prog_bar=True, batch_size=bsz)

@@ -137,36 +137,6 @@ def test_quick_mode_trains_both_sides_on_the_same_batches(bench, alpaca_json, tm
     assert report["hardware"]["torch"] == torch.__version__
 
 
-def test_packed_micro_batch_gives_the_padded_loss(bench, tiny_model_and_tokenizer):
-    """The padding-free lever: one packed row with restarting positions has the padded batch's loss."""
-    import torch.nn.functional as F
-
-    from lit_recover.data import PadCollator
-
-    fit, _ = bench
-    model, _ = tiny_model_and_tokenizer
-    gen = torch.Generator().manual_seed(0)
-    features = []
-    for n in (7, 12, 5, 9):
-        ids = torch.randint(3, 300, (n,), generator=gen).tolist()
-        features.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
-
-    def loss(batch):
-        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                             position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
-        labels = batch["labels"][:, 1:]
-        keep = labels != -100
-        return F.cross_entropy(model.lm_head(hidden[:, :-1][keep]), labels[keep]), int(keep.sum())
-
-    packed = fit.pack_features(features)
-    assert packed["input_ids"].shape == (1, 33)
-    assert packed["position_ids"][0, 7:9].tolist() == [0, 1]
-    with torch.no_grad():
-        (a, n_a), (b, n_b) = loss(PadCollator(0)(features)), loss(packed)
-    assert n_a == n_b == sum(n - 3 for n in (7, 12, 5, 9))
-    assert float(a) == pytest.approx(float(b), abs=1e-5)
-
-
 def test_earlier_results_are_not_overwritten(bench, tmp_path, capsys):
     fit, _ = bench
     for ext in ("json", "md"):

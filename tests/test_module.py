@@ -1,5 +1,7 @@
+import pytest
 import torch
 
+from lit_recover.data import PackCollator, PadCollator
 from lit_recover.module import IGNORE_INDEX, LoRARecoveryModule, linear_warmup_decay
 
 
@@ -32,6 +34,38 @@ def test_supervised_loss_equals_causal_lm_loss(tiny_pruned_path):
     ref = module.model(**batch).loss
     assert n == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert torch.allclose(ours, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+def test_packed_micro_batch_gives_the_padded_loss_and_gradients(tiny_pruned_path, attn, train_on_inputs):
+    """padding_free: one packed row with restarting positions has the padded batch's loss and gradients."""
+    module = LoRARecoveryModule(str(tiny_pruned_path), lora_dropout=0.0, attn_implementation=attn)
+    for name, p in module.named_parameters():
+        if "lora_B" in name:  # B starts at zero: let the adapter take part in the forward pass
+            torch.nn.init.normal_(p, std=0.05)
+    gen = torch.Generator().manual_seed(0)
+    features = []
+    for n in (7, 12, 5, 9):
+        ids = torch.randint(3, 300, (n,), generator=gen).tolist()
+        features.append({"input_ids": ids, "labels": ids if train_on_inputs else [IGNORE_INDEX] * 3 + ids[3:]})
+    packed = PackCollator()(features)
+    assert packed["input_ids"].shape == (1, 33) and "attention_mask" not in packed
+    assert packed["position_ids"][0, 7:9].tolist() == [0, 1]  # the second sequence restarts
+    assert packed["labels"][0, 7] == IGNORE_INDEX  # nothing is predicted across the seam
+
+    def loss_and_grads(batch):
+        module.zero_grad(set_to_none=True)
+        loss, n = module.supervised_loss(batch)
+        loss.backward()
+        return loss.detach(), n, {k: p.grad.clone() for k, p in module.named_parameters() if p.requires_grad}
+
+    padded_loss, padded_n, padded_grads = loss_and_grads(PadCollator(0)(features))
+    packed_loss, packed_n, packed_grads = loss_and_grads(packed)
+    assert padded_n == packed_n == sum(n - (1 if train_on_inputs else 3) for n in (7, 12, 5, 9))
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_merged_logits_equal_unmerged(tiny_pruned_path):
