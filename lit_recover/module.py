@@ -2,8 +2,8 @@
 
 Options that turn features on: ``gradient_checkpointing`` (recompute activations in the backward
 pass), ``lean_lora`` (on by default: LoRA layers keep boolean dropout masks and a shared input
-for the backward pass instead of PEFT's two float copies per layer; same math), ``optimizer`` / ``lr_scheduler`` (any torch optimizer and scheduler through LightningCLI;
-default AdamW with LLM-Pruner's linear warm-up then linear decay), ``trust_pickle`` (plain
+for the backward pass instead of PEFT's two float copies per layer; same math), ``optimizer`` /
+``lr_scheduler`` (any torch optimizer and scheduler through LightningCLI; default AdamW with LLM-Pruner's linear warm-up then linear decay), ``trust_pickle`` (plain
 ``torch.load`` of the pruned pickle instead of the safe loader).
 """
 
@@ -91,8 +91,9 @@ class LoRARecoveryModule(L.LightningModule):
         optimizer: optional optimizer factory (LightningCLI ``--model.optimizer``); overrides the default AdamW.
         lr_scheduler: optional scheduler factory; overrides the default warm-up/decay schedule.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
-        lean_lora: run the LoRA branches through ``lit_recover.lora.LoRABranch``: the same outputs,
-            gradients and dropout draws as PEFT, with less activation memory (``false``: PEFT's forward).
+        lean_lora: run the LoRA branches through ``lit_recover.lora.LoRABranch``: PEFT's outputs and
+            gradients for the same dropout masks, with less activation memory and faster mask draws
+            (``false``: PEFT's forward). Not used under autocast (mixed precision): PEFT's path runs.
         trust_pickle: load the pickle with plain ``torch.load`` (executes code named by the file).
         torch_dtype: dtype of the frozen base weights (``float32``, ``bfloat16``, ``float16``); ``None``
             picks float32 (mixed precision keeps fp32 masters).
