@@ -3,8 +3,9 @@
 Options that turn features on: ``gradient_checkpointing`` (recompute activations in the backward
 pass), ``lean_lora`` (on by default: LoRA layers keep boolean dropout masks and a shared input
 for the backward pass instead of PEFT's two float copies per layer; same math), ``optimizer`` /
-``lr_scheduler`` (any torch optimizer and scheduler through LightningCLI; default AdamW with LLM-Pruner's linear warm-up then linear decay), ``trust_pickle`` (plain
-``torch.load`` of the pruned pickle instead of the safe loader).
+``lr_scheduler`` (any torch optimizer and scheduler through LightningCLI; default AdamW with
+LLM-Pruner's linear warm-up then linear decay), ``trust_pickle`` (plain ``torch.load`` of the pruned
+pickle instead of the safe loader).
 """
 
 from __future__ import annotations
