@@ -34,7 +34,7 @@ class LoRABranch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, mask, keep_scale: float, scaling: float):
-        dropped = x if mask is None else x.mul(mask).mul_(keep_scale)
+        dropped = x if mask is None else x * _noise(mask, keep_scale, x.dtype)
         middle = F.linear(dropped, weight_a)
         out = F.linear(middle, weight_b).mul_(scaling)
         ctx.save_for_backward(x, weight_a, weight_b, mask, middle)
@@ -49,14 +49,24 @@ class LoRABranch(torch.autograd.Function):
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[2]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).t() @ middle.reshape(-1, middle.shape[-1])
+        noise = None if mask is None else _noise(mask, ctx.keep_scale, x.dtype)
         if ctx.needs_input_grad[1]:
-            dropped = x if mask is None else x.mul(mask).mul_(ctx.keep_scale)
+            dropped = x if noise is None else x * noise
             grad_a = grad_middle.reshape(-1, grad_middle.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[0]:
             grad_x = grad_middle @ weight_a
-            if mask is not None:
-                grad_x = grad_x.mul_(mask).mul_(ctx.keep_scale)
+            if noise is not None:
+                grad_x = grad_x.mul_(noise)
         return grad_x, grad_a, grad_b, None, None, None
+
+
+def _noise(mask: torch.Tensor, keep_scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """The dropout multiplier (0 or ``1 / (1 - p)``) from the boolean mask.
+
+    Through a ``uint8`` view: converting that to float is ~5x faster on CPU than converting the
+    booleans, and ``float * float`` ~10x faster than ``float * bool``.
+    """
+    return mask.view(torch.uint8).to(dtype).mul_(keep_scale)
 
 
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
