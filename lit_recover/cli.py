@@ -1,7 +1,7 @@
 """``RecoveryCLI``: LightningCLI with the recovery job's top-level options.
 
 Top-level keys (beside ``model``, ``data`` and ``trainer``): ``output_dir``, ``overwrite``,
-``skip_evaluation``, ``evaluation``, ``wandb_project``, ``save_steps``, ``save_total_limit``. Derived
+``skip_evaluation``, ``before_metrics``, ``evaluation``, ``wandb_project``, ``save_steps``, ``save_total_limit``. Derived
 for you: gradient accumulation (``batch_size / (micro_batch_size × world size)``), precision
 (32-true on CPU, bf16-mixed on CUDA where supported), the logger, the checkpoint and end-of-fit
 callbacks, and ``--ckpt_path`` (``last``, a ``checkpoint-<step>`` folder, or a ``.ckpt`` file).
@@ -106,6 +106,8 @@ class RecoveryCLI(LightningCLI):
                             help="Allow an output_dir that already holds results.")
         parser.add_argument("--skip_evaluation", type=bool, default=False,
                             help="Skip the end-of-fit evaluation suite.")
+        parser.add_argument("--before_metrics", type=list[str] | None, default=None,
+                            help="Metrics of the pruned model measured before training (default [ppl]; [] for none).")
         parser.add_argument("--wandb_project", type=str | None, default=None,
                             help="Log to Weights & Biases under this project (offline without credentials).")
         parser.add_argument("--save_steps", type=int, default=200,
@@ -217,6 +219,8 @@ class RecoveryCLI(LightningCLI):
                 output_dir=cfg.output_dir,
                 skip_evaluation=cfg.skip_evaluation,
                 evaluation=self._get(self.config_init, "evaluation"),
+                evaluate_before=cfg.get("before_metrics") != [],
+                before_metrics=cfg.get("before_metrics"),
             ))
             if trainer_cfg.get("logger"):
                 callbacks.append(LearningRateMonitor(logging_interval="step"))

@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     fit_args = ["fit", "--config", args.config, "--model.pruned_model", str(pruned),
                 "--data.data_path", train_data, "--output_dir", str(recovered), "--overwrite", "true",
                 "--evaluation.metrics", json.dumps(metrics), "--evaluation.ppl_datasets", json.dumps(ppl_datasets),
-                "--evaluation.ppl_texts", json.dumps(ppl_texts)]
+                "--evaluation.ppl_texts", json.dumps(ppl_texts),
+                "--before_metrics", json.dumps(["ppl"] + (["zero_shot"] if args.zero_shot_data_dir else []))]
     if args.ppl_data_dir:
         fit_args += ["--evaluation.ppl_data_dir", args.ppl_data_dir]
     if args.zero_shot_data_dir:

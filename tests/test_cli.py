@@ -211,11 +211,13 @@ def test_fit_evaluates_before_and_after(tiny_pruned_path, alpaca_json, tmp_path)
     out = tmp_path / "eval"
     args = _fit_args(tiny_pruned_path, alpaca_json, out, "--data.val_set_size", "0", "--trainer.max_steps", "2",
                      "--evaluation.metrics", "[ppl,memory]", "--evaluation.ppl_datasets", "[]",
-                     "--evaluation.ppl_texts", json.dumps({"held_out": str(text)}), "--evaluation.limit", "3")
+                     "--evaluation.ppl_texts", json.dumps({"held_out": str(text)}), "--evaluation.limit", "3",
+                     "--before_metrics", "[ppl,memory]")
     args[args.index("--skip_evaluation") + 1] = "false"
     cli_main(args)
     results = json.loads((out / "evaluation" / "evaluation_results.json").read_text())
     assert results["before"]["label"] == "pruned" and results["after"]["label"] == "recovered"
+    assert "memory" in results["before"]["metrics"]  # --before_metrics widened the before-training suite
     delta = results["deltas"]["ppl/texts/held_out"] if "ppl/texts/held_out" in results["deltas"] else next(
         v for k, v in results["deltas"].items() if k.endswith("held_out"))
     assert delta["unit"] == "perplexity" and delta["before"] > 1 and delta["after"] > 1
