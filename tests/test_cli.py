@@ -42,6 +42,7 @@ def test_recover_yaml_is_the_seed_defaults():
         "data_path": "yahma/alpaca-cleaned", "val_set_size": 2000, "cutoff_len": 256, "prompt_template_name": "alpaca",
         "train_on_inputs": False, "add_eos_token": False, "group_by_length": False, "batch_size": 64,
         "micro_batch_size": 4,
+        "padding_free": True,  # not a seed flag: the same loss and gradients, less compute and memory
     }
     assert raw["trainer"]["max_epochs"] == 2
 
