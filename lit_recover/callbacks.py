@@ -155,7 +155,8 @@ class RecoveryOutputs(Callback):
         skip_evaluation: write the model outputs only.
         evaluation: the evaluation settings (metrics, data folders, limit, …).
         evaluate_before: also evaluate the pruned model before training (metrics ``before_metrics``).
-        before_metrics: metrics of the before-training evaluation (PPL by default: it is cheap).
+        before_metrics: metrics of the before-training evaluation (PPL by default: it is cheap; ``[]``
+            for none).
         save_pickle_free: also write the pickle-free folder ``pruned_model/``.
     """
 
@@ -172,7 +173,7 @@ class RecoveryOutputs(Callback):
         self.skip_evaluation = skip_evaluation
         self.evaluation = evaluation
         self.evaluate_before = evaluate_before
-        self.before_metrics = before_metrics or ["ppl"]
+        self.before_metrics = ["ppl"] if before_metrics is None else list(before_metrics)
         self.save_pickle_free = save_pickle_free
         self.before: dict | None = None
 
@@ -188,7 +189,7 @@ class RecoveryOutputs(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.skip_evaluation or not self.evaluate_before or trainer.ckpt_path:
+        if self.skip_evaluation or not self.evaluate_before or not self.before_metrics or trainer.ckpt_path:
             return
         # under FSDP2 every forward of the sharded model is a collective: all ranks run the evaluation
         if trainer.is_global_zero or is_sharded(pl_module):

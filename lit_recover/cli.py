@@ -219,7 +219,6 @@ class RecoveryCLI(LightningCLI):
                 output_dir=cfg.output_dir,
                 skip_evaluation=cfg.skip_evaluation,
                 evaluation=self._get(self.config_init, "evaluation"),
-                evaluate_before=cfg.get("before_metrics") != [],
                 before_metrics=cfg.get("before_metrics"),
             ))
             if trainer_cfg.get("logger"):

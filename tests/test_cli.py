@@ -225,6 +225,18 @@ def test_fit_evaluates_before_and_after(tiny_pruned_path, alpaca_json, tmp_path)
     assert "memory" in results["after"]["metrics"]
 
 
+def test_before_metrics_default_and_none(tmp_path):
+    """``before_metrics``: None measures perplexity before training, [] measures nothing."""
+    from types import SimpleNamespace
+
+    from lit_recover.callbacks import RecoveryOutputs
+
+    assert RecoveryOutputs(str(tmp_path)).before_metrics == ["ppl"]
+    none = RecoveryOutputs(str(tmp_path), before_metrics=[])
+    none.on_fit_start(SimpleNamespace(ckpt_path=None), None)  # returns before touching the model
+    assert none.before is None
+
+
 @pytest.mark.slow
 def test_killed_runs_resume_to_the_same_adapter(tiny_pruned_path, alpaca_json, tmp_path):
     """SIGKILL at several points (between steps, inside a checkpoint save, between its renames):
