@@ -367,6 +367,15 @@ class TokenizedDataset(Dataset):
 # Batching
 
 
+def _check_features(features: Sequence[dict[str, Sequence[int]]]) -> None:
+    """A collatable micro-batch: not empty, and as many labels as input ids in every row."""
+    if not features:
+        raise ValueError("cannot collate an empty batch")
+    for row, f in enumerate(features):
+        if len(f["labels"]) != len(f["input_ids"]):
+            raise ValueError(f"batch row {row}: {len(f['input_ids'])} input ids but {len(f['labels'])} labels")
+
+
 class PadCollator:
     """Pad a list of ``{"input_ids", "labels"}`` to the longest one, on the right.
 
@@ -381,16 +390,13 @@ class PadCollator:
         self.pad_id = int(pad_id)
 
     def __call__(self, features: Sequence[dict[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
-        if not features:
-            raise ValueError("cannot collate an empty batch")
+        _check_features(features)
         width = max(len(f["input_ids"]) for f in features)
         input_ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(features), width), dtype=torch.long)
         for row, f in enumerate(features):
             n = len(f["input_ids"])
-            if len(f["labels"]) != n:
-                raise ValueError(f"batch row {row}: {n} input ids but {len(f['labels'])} labels")
             input_ids[row, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
             labels[row, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
             attention_mask[row, :n] = 1
@@ -427,15 +433,12 @@ class PackCollator:
         self.pad_id = int(pad_id)
 
     def __call__(self, features: Sequence[dict[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
-        if not features:
-            raise ValueError("cannot collate an empty batch")
+        _check_features(features)
         ids: list[int] = []
         labels: list[int] = []
         positions: list[int] = []
-        for row, f in enumerate(features):
+        for f in features:
             n = len(f["input_ids"])
-            if len(f["labels"]) != n:
-                raise ValueError(f"batch row {row}: {n} input ids but {len(f['labels'])} labels")
             ids.extend(int(t) for t in f["input_ids"])
             labels.append(IGNORE_INDEX)
             labels.extend(int(t) for t in list(f["labels"])[1:])

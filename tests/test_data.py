@@ -601,3 +601,14 @@ def test_fit_with_lightning(tok, tmp_path, val_set_size):
     assert module.epochs == [0, 0, 1, 1]  # Lightning's set_epoch reached the batch sampler
     assert all(np.isfinite(module.losses))
     assert module.val_steps == (0 if val_set_size == 0 else 2)
+
+
+@pytest.mark.parametrize("collator", ["pad", "pack"])
+def test_collators_refuse_empty_and_ragged_batches(collator):
+    from lit_recover.data import PackCollator
+
+    collate = PadCollator(0) if collator == "pad" else PackCollator(0)
+    with pytest.raises(ValueError, match="empty batch"):
+        collate([])
+    with pytest.raises(ValueError, match="batch row 1: 3 input ids but 2 labels"):
+        collate([{"input_ids": [5, 6], "labels": [5, 6]}, {"input_ids": [1, 2, 3], "labels": [2, 3]}])
