@@ -773,10 +773,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     command = "python benchmarks/bench_fit.py " + " ".join(sys.argv[1:] if argv is None else argv)
     tag = args.tag or ("perf_fit_quick" if args.quick else "perf_fit")
     out = Path(args.out)
-    if not args.no_write and not args.overwrite and any((out / f"{tag}.{ext}").exists() for ext in ("json", "md")):
-        # never replace earlier results silently: this run gets its own name
-        tag = f"{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
-        print(f"{out}: earlier results kept; this run writes {tag}.json/.md (--overwrite replaces them)")
+    if not args.no_write:
+        tag = fresh_tag(out, tag, args.overwrite)
     scenarios, levers = _names(args.scenarios, SCENARIOS, "scenario"), _names(args.levers, LEVERS, "lever")
     with tempfile.TemporaryDirectory(prefix="bench-fit-") as tmp:
         workdir = Path(tmp)
@@ -823,6 +821,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if not args.no_write:
         write_report(out, tag, report, text)
     return report
+
+
+def fresh_tag(out: Path, tag: str, overwrite: bool) -> str:
+    """``tag``, or, where ``<out>/<tag>.json|md`` exist and ``overwrite`` is off, ``tag`` with a time stamp:
+    earlier results are never replaced silently."""
+    if overwrite or not any((out / f"{tag}.{ext}").exists() for ext in ("json", "md")):
+        return tag
+    stamped = f"{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"{out}: earlier results kept; this run writes {stamped}.json/.md (--overwrite replaces them)")
+    return stamped
 
 
 def write_report(out: Path, tag: str, report: dict[str, Any], text: str) -> None:

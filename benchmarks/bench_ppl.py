@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_fit import hardware, write_report  # noqa: E402
+from bench_fit import fresh_tag, hardware, write_report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "ppl" / "wikitext2_test.txt"
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--overwrite", action="store_true", help="replace results of the same --tag")
     args = p.parse_args(argv)
-    from lit_recover.evaluation.ppl import make_chunks, read_text_file, tokenize_stream
+    from lit_recover.evaluation.ppl import chunk_stream, make_chunks, read_text_file
     from lit_recover.model_io import load_pruned
 
     if args.threads:
@@ -143,8 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     limit = args.limit or (8 if args.quick else 32)
     tag = args.tag or ("perf_ppl_quick" if args.quick else "perf_ppl")
     out = Path(args.out)
-    if not args.overwrite and (out / f"{tag}.json").exists():
-        tag = f"{tag}-{time.strftime('%Y%m%d-%H%M%S')}"  # never replace earlier results silently
+    tag = fresh_tag(out, tag, args.overwrite)
     with tempfile.TemporaryDirectory(prefix="bench-ppl-") as tmp:
         model_path = args.model
         if model_path is None:
@@ -155,8 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model_path = str(write_tiny_pruned(Path(tmp) / "pruned_model.bin"))
         model, tokenizer = load_pruned(model_path)
     model.eval()
-    text = read_text_file(args.data)
-    ids = tokenize_stream(tokenizer, text[: (limit + 2) * args.seq_len * 16])
+    # the protocol's stream; for a limit only the prefix that the first chunks need is tokenized
+    ids, _ = chunk_stream(tokenizer, read_text_file(args.data), args.seq_len, limit, add_bos=True)
     chunks = make_chunks(ids, args.seq_len, limit)
     command = "python benchmarks/bench_ppl.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = {"tag": tag, "command": command, "hardware": hardware(), "threads": torch.get_num_threads(),

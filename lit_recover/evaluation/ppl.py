@@ -127,8 +127,8 @@ def make_chunks(ids: torch.Tensor, seq_len: int, limit: int | float | None = Non
     return ids[: n * seq_len].view(n, seq_len)
 
 
-def _stream(tokenizer, text: str, seq_len: int, limit: int | float | None,
-            add_bos: bool) -> tuple[torch.Tensor, int | None]:
+def chunk_stream(tokenizer, text: str, seq_len: int, limit: int | float | None,
+                 add_bos: bool) -> tuple[torch.Tensor, int | None]:
     """The token stream and its number of chunks (``None`` when only a prefix was tokenized).
 
     With a whole-number ``limit`` only a prefix of the text is tokenized: cut at a row boundary
@@ -196,7 +196,7 @@ def perplexity(model: nn.Module, tokenizer, text: str, seq_len: int = 128, batch
         "n_tokens", "n_tokens_scored", ...}``; ``n_chunks_total`` and ``n_tokens`` describe the whole
         text, and are null when a whole-number ``limit`` tokenized only a prefix.
     """
-    ids, n_total = _stream(tokenizer, text, seq_len, limit, add_bos)
+    ids, n_total = chunk_stream(tokenizer, text, seq_len, limit, add_bos)
     chunks = make_chunks(ids, seq_len, limit)
     nll, count = chunks_nll(model, chunks, batch_size=batch_size, progress=progress, desc=desc)
     mean = nll / count
