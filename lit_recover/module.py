@@ -226,7 +226,9 @@ class LoRARecoveryModule(L.LightningModule):
         if n == 0:  # nothing supervised (every response cut off): a zero loss that keeps the graph
             return hidden.sum() * 0.0, 0
         logits = self.lm_head(hidden[:, :-1][keep])
-        loss = F.cross_entropy(logits.float(), labels[keep], reduction="mean")
+        # the loss in fp32 at least (float64 stays float64)
+        loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels[keep],
+                               reduction="mean")
         return loss, n
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
