@@ -308,7 +308,7 @@ def run_lit_worker(s: FitSettings, workdir: Path) -> dict[str, Any]:
     import lightning as L
 
     sys.path.insert(0, str(ROOT))
-    from lit_recover import data as data_module
+    from lit_recover.data import sampler as data_module
     from lit_recover.cli import RecoveryCLI
 
     meter = StepMeter()
@@ -783,7 +783,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             if not args.quick:
                 raise SystemExit("error: --model is required without --quick")
             sys.path.insert(0, str(ROOT))
-            from lit_recover.tiny import write_tiny_pruned
+            from lit_recover.demos.tiny import write_tiny_pruned
 
             model = str(write_tiny_pruned(workdir / "tiny" / "pruned_model.bin"))
         if not Path(model).is_file():

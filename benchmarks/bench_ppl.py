@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--overwrite", action="store_true", help="replace results of the same --tag")
     args = p.parse_args(argv)
     from lit_recover.evaluation.ppl import chunk_stream, make_chunks, read_text_file
-    from lit_recover.model_io import load_pruned
+    from lit_recover.models.load import load_pruned
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if model_path is None:
             if not args.quick:
                 raise SystemExit("error: --model is required without --quick")
-            from lit_recover.tiny import write_tiny_pruned
+            from lit_recover.demos.tiny import write_tiny_pruned
 
             model_path = str(write_tiny_pruned(Path(tmp) / "pruned_model.bin"))
         model, tokenizer = load_pruned(model_path)

@@ -15,73 +15,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lit_recover.distributed import is_sharded, wait_for_rank_zero
+from lit_recover.outputs import (
+    CHECKPOINT_LAST,
+    CHECKPOINT_PREFIX,
+    TRAINER_STATE,
+    RunFolder,
+    atomic_dir,
+    replace_dir,
+)
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_PREFIX = "checkpoint-"
-CHECKPOINT_LAST = "checkpoint-last"
-TRAINER_STATE = "lightning.ckpt"
-ADAPTER_DIR = "lora_adapter"
-MERGED_PICKLE = "pruned_model.bin"
-MERGED_FOLDER = "pruned_model"
-EVAL_DIR = "evaluation"
-EVAL_FILE = "evaluation_results.json"
-# What marks an output_dir as holding results of an earlier run.
-RESULT_NAMES = (ADAPTER_DIR, MERGED_PICKLE, MERGED_FOLDER, EVAL_DIR, CHECKPOINT_LAST)
-
-
-def replace_dir(tmp: str | Path, final: str | Path) -> None:
-    """Move the finished folder ``tmp`` to ``final``; a kill at any point leaves a usable copy.
-
-    An existing ``final`` is first renamed to ``final.old`` (still found by ``resolve_checkpoint``),
-    then ``tmp`` takes its name, then the old copy goes.
-    """
-    final, tmp = Path(final), Path(tmp)
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _complete(state: Path) -> bool:
-    """A trainer state file, or the folder of a sharded (FSDP2) one with its metadata written."""
-    return state.is_file() or (state / "meta.pt").is_file()
-
-
-def resolve_checkpoint(ckpt_path: str | Path, output_dir: str | Path | None = None) -> str:
-    """Turn ``last``, a ``checkpoint-<step>`` folder or a ``.ckpt`` file into the file Lightning loads.
-
-    ``last`` is ``<output_dir>/checkpoint-last``, or, when a kill interrupted its swap, the newest
-    complete checkpoint folder in ``output_dir`` (``checkpoint-<step>/`` or ``checkpoint-last.old/``).
-    """
-    if str(ckpt_path) == "last":
-        if output_dir is None:
-            raise FileNotFoundError("--ckpt_path last needs an output_dir to look in")
-        out = Path(output_dir)
-        last = out / CHECKPOINT_LAST / TRAINER_STATE
-        if _complete(last):
-            return str(last)
-        # a kill between the renames of a save: the newest complete folder wins
-        found = [p / TRAINER_STATE for p in out.glob(f"{CHECKPOINT_PREFIX}*")
-                 if not p.name.endswith(".tmp") and _complete(p / TRAINER_STATE)]
-        if not found:
-            raise FileNotFoundError(
-                f"{out}: no checkpoint to resume from (looked for {CHECKPOINT_LAST}/ and checkpoint-<step>/)"
-            )
-        return str(max(found, key=lambda f: f.stat().st_mtime_ns))
-    p = Path(ckpt_path)
-    if p.is_dir():
-        if _complete(p / TRAINER_STATE):
-            return str(p / TRAINER_STATE)
-        raise FileNotFoundError(f"{p}: not a checkpoint folder (no {TRAINER_STATE} inside)")
-    if p.is_file():
-        return str(p)
-    raise FileNotFoundError(f"{p}: no such checkpoint")
-
 
 class RecoveryCheckpoint(ModelCheckpoint):
     """Adapter-only checkpoints as folders: ``checkpoint-<step>/`` holds ``lightning.ckpt``
@@ -170,6 +113,7 @@ class RecoveryOutputs(Callback):
         save_pickle_free: bool = True,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.run = RunFolder(output_dir)
         self.skip_evaluation = skip_evaluation
         self.evaluation = evaluation
         self.evaluate_before = evaluate_before
@@ -218,31 +162,26 @@ class RecoveryOutputs(Callback):
         wait_for_rank_zero("recovery-outputs")
 
     def _write_adapter(self, pl_module: L.LightningModule, adapter: dict | None = None) -> None:
-        out = self.output_dir
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{ADAPTER_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        pl_module.save_adapter(tmp, state_dict=adapter)
-        pl_module.tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, out / ADAPTER_DIR)
-        rank_zero_info(f"Saved the LoRA adapter to {out / ADAPTER_DIR}")
+        with atomic_dir(self.run.adapter) as tmp:
+            pl_module.save_adapter(tmp, state_dict=adapter)
+            pl_module.tokenizer.save_pretrained(tmp)
+        rank_zero_info(f"Saved the LoRA adapter to {self.run.adapter}")
 
     def _write_merged(self, pl_module: L.LightningModule, merged) -> None:
-        from lit_recover.model_io import save_pruned
+        from lit_recover.models.load import save_pruned
 
-        out = self.output_dir
         tokenizer = pl_module.tokenizer
         merged.eval()
-        save_pruned(merged, tokenizer, out / MERGED_PICKLE)
-        rank_zero_info(f"Saved the merged model to {out / MERGED_PICKLE}")
+        save_pruned(merged, tokenizer, self.run.merged_pickle)
+        rank_zero_info(f"Saved the merged model to {self.run.merged_pickle}")
         if self.save_pickle_free:
             try:
-                from lit_recover.pruned_folder import save_pruned_folder
+                from lit_recover.models.folder import save_pruned_folder
             except ImportError:  # the pickle-free format is optional
                 pass
             else:
-                save_pruned_folder(merged, tokenizer, out / MERGED_FOLDER, overwrite=True)
-                rank_zero_info(f"Saved the merged model without pickle to {out / MERGED_FOLDER}")
+                save_pruned_folder(merged, tokenizer, self.run.merged_folder, overwrite=True)
+                rank_zero_info(f"Saved the merged model without pickle to {self.run.merged_folder}")
 
         if self.skip_evaluation:
             return
@@ -251,5 +190,5 @@ class RecoveryOutputs(Callback):
         rank_zero_info("Evaluating the recovered model …")
         after = evaluate_model(merged, tokenizer, self._eval_config(), label="recovered")
         results = with_deltas(self.before, after) if self.before is not None else after
-        path = write_results(results, out / EVAL_DIR / EVAL_FILE, overwrite=True)
+        path = write_results(results, self.run.evaluation, overwrite=True)
         rank_zero_info(f"Wrote {path}")

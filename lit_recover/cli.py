@@ -21,9 +21,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from typing_extensions import override
 
-from lit_recover.callbacks import RESULT_NAMES, RecoveryCheckpoint, RecoveryOutputs, resolve_checkpoint
+from lit_recover.callbacks import RecoveryCheckpoint, RecoveryOutputs
 from lit_recover.data import AlpacaDataModule
 from lit_recover.module import LoRARecoveryModule
+from lit_recover.outputs import RunFolder, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ class RecoveryCLI(LightningCLI):
     @staticmethod
     def _check_output_dir(cfg: Any, out: Path) -> None:
         """Refuse to clobber results; report an unwritable folder or a full disk before training."""
-        existing = [n for n in RESULT_NAMES if (out / n).exists()]
+        existing = RunFolder(out).existing_results()
         if existing and not cfg.get("overwrite") and not cfg.get("ckpt_path"):
             raise ConfigError(
                 f"{out}: already holds results ({', '.join(existing)}); pass --overwrite true, "
@@ -234,7 +235,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
 def run_cli(args: Any = None) -> RecoveryCLI | None:
     """Run the CLI; a user error (bad file, bad record, bad config) ends with one line, no traceback."""
     from lit_recover.data import DataError
-    from lit_recover.model_io import PrunedModelError
+    from lit_recover.models.checks import PrunedModelError
     from lit_recover.module import NonFiniteLossError
 
     try:

@@ -29,7 +29,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
 from typing_extensions import override
 
-from lit_recover.pruning.structure import decoder_layers
+from lit_recover.models.anatomy import decoder_layers
 
 log = logging.getLogger(__name__)
 

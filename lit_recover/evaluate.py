@@ -135,7 +135,7 @@ def _config_from(args: argparse.Namespace):
 def _load_model(path: str, device: str, dtype: str, trust_pickle: bool = False):
     import torch
 
-    from lit_recover.model_io import load_pruned
+    from lit_recover.models.load import load_pruned
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -170,7 +170,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from lit_recover.evaluation.report import compare_table, write_results
     from lit_recover.evaluation.suite import evaluate_model, failed_sections
-    from lit_recover.model_io import PrunedModelError
+    from lit_recover.models.checks import PrunedModelError
 
     config = _config_from(args)
     # Fail before the long part: an existing output, or a data folder that isn't there.
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare is None and (args.labels or args.chart):
         parser.error("--labels and --chart go with --compare")
     from lit_recover.evaluation.report import ResultsFileError
-    from lit_recover.model_io import PrunedModelError
+    from lit_recover.models.checks import PrunedModelError
 
     try:
         return _compare(args) if args.compare else _evaluate(args)

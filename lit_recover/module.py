@@ -28,7 +28,7 @@ from typing_extensions import override
 from lit_recover.data import IGNORE_INDEX
 from lit_recover.distributed import ShardedModel, gather_merged, gather_trainable, shard_lora_model
 from lit_recover.lora import use_lean_lora
-from lit_recover.model_io import load_pruned
+from lit_recover.models.load import load_pruned
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ def shared_data(rel: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pruned_path(tmp_path_factory) -> Path:
     """An LLM-Pruner pickle of a tiny GQA LLaMA with unevenly pruned middle layers."""
-    from lit_recover.tiny import write_tiny_pruned
+    from lit_recover.demos.tiny import write_tiny_pruned
 
     return write_tiny_pruned(tmp_path_factory.mktemp("tiny") / "pruned_model.bin")
 
@@ -35,7 +35,7 @@ def tiny_pruned_path(tmp_path_factory) -> Path:
 @pytest.fixture()
 def tiny_model_and_tokenizer():
     """A fresh ``(model, tokenizer)`` pair (tiny, pruned, eval mode) for each test."""
-    from lit_recover.tiny import build_tiny_pruned
+    from lit_recover.demos.tiny import build_tiny_pruned
 
     return build_tiny_pruned()
 

@@ -25,8 +25,8 @@ def bench():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from lit_recover.model_io import prepare_tokenizer
-    from lit_recover.tiny import build_tokenizer
+    from lit_recover.models.load import prepare_tokenizer
+    from lit_recover.demos.tiny import build_tokenizer
 
     tok = build_tokenizer()
     prepare_tokenizer(tok)
@@ -62,8 +62,8 @@ def test_reference_truncates_without_eos(bench, tokenizer):
 
 def test_reference_labels_equal_lit_recover_labels_with_add_eos_token(bench, tokenizer):
     """The benchmark gives lit-recover ``add_eos_token true``: then both sides train on the same tokens."""
-    from lit_recover.data import tokenize_batch
-    from lit_recover.prompts import load_template
+    from lit_recover.data.tokenize import tokenize_batch
+    from lit_recover.data.prompts import load_template
 
     _, ref = bench
     batch = {k: [r[k] for r in RECORDS] for k in ("instruction", "input", "output")}

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from lit_recover.callbacks import resolve_checkpoint
+from lit_recover.outputs import resolve_checkpoint
 from lit_recover.cli import ConfigError, RecoveryCLI, default_output_dir, gradient_accumulation
 from main import cli_main
 
@@ -106,7 +106,7 @@ def _fit_args(model, data, out, *extra):
 def test_fit_writes_all_outputs(tiny_pruned_path, alpaca_json, tmp_path):
     from peft import PeftModel
 
-    from lit_recover.model_io import load_pruned
+    from lit_recover.models.load import load_pruned
 
     out = tmp_path / "run"
     cli_main(_fit_args(tiny_pruned_path, alpaca_json, out, "--data.val_set_size", "8", "--trainer.max_steps", "4",

@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from lit_recover.callbacks import resolve_checkpoint
+from lit_recover.outputs import resolve_checkpoint
 from lit_recover.cli import gradient_accumulation, world_size
 from lit_recover.distributed import (
     FSDP2Strategy,
@@ -342,7 +342,7 @@ def test_two_nodes_on_localhost(tiny_pruned_path, setting, reference, tmp_path):
 def test_fsdp2_two_processes_match_one_and_resume(tiny_pruned_path, setting, reference, tmp_path):
     from peft import PeftModel
 
-    from lit_recover.model_io import load_pruned
+    from lit_recover.models.load import load_pruned
 
     from lit_recover.evaluation import EvalConfig, evaluate_model, with_deltas
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lit_recover.data import PackCollator, PadCollator
+from lit_recover.data.collate import PackCollator, PadCollator
 from lit_recover.module import IGNORE_INDEX, LoRARecoveryModule, linear_warmup_decay
 
 

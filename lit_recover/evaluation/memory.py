@@ -70,7 +70,7 @@ def count_parameters_at(path: str | Path) -> int:
         files = sorted(p.glob("*.safetensors"))
         if files:
             return sum(_safetensors_count(f) for f in files)
-    from lit_recover.model_io import load_pruned
+    from lit_recover.models.load import load_pruned
 
     model, _ = load_pruned(path, check=False)
     try:

@@ -141,7 +141,7 @@ def environment(model: nn.Module) -> dict:
 
 def describe_model(model: nn.Module, source: str | None = None) -> dict:
     """Class, source and per-layer widths (a pruned model's shape)."""
-    from lit_recover.pruning.structure import layer_shapes
+    from lit_recover.models.anatomy import layer_shapes
 
     out: dict = {"class": type(model).__name__, "source": source}
     try:

@@ -84,7 +84,8 @@ def prune(
     Returns:
         The report written to the JSON file.
     """
-    from lit_recover.model_io import check_forward, check_structure, load_pruned, save_pruned
+    from lit_recover.models.checks import check_forward, check_structure
+    from lit_recover.models.load import load_pruned, save_pruned
 
     out, out_json = Path(output), report_path(output)
     if not overwrite:
@@ -94,7 +95,7 @@ def prune(
     texts = read_calibration_texts(calibration_data) if calibration_data else None
     source = base_model
     if base_model == "smollm2":
-        from lit_recover.smollm2 import convert_smollm2
+        from lit_recover.models.gguf import convert_smollm2
 
         source = str(convert_smollm2())
     model, tokenizer = load_pruned(source, dtype=dtype)
@@ -142,8 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse ``argv`` (``--base_model``, ``--pruning_ratio``, ``--output`` …) and run ``prune``."""
     from jsonargparse import CLI
 
-    from lit_recover.model_io import PrunedModelError
-    from lit_recover.smollm2 import ConversionError
+    from lit_recover.models.checks import PrunedModelError
+    from lit_recover.models.gguf import ConversionError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lit_recover.pruning.structure import attention_head_counts
+from lit_recover.models.anatomy import attention_head_counts
 
 log = logging.getLogger(__name__)
 

@@ -40,13 +40,8 @@ from lit_recover.pruning.importance import (
     calibration_batches,
     mlp_channel_scores,
 )
-from lit_recover.pruning.structure import (
-    attention_head_counts,
-    decoder_layers,
-    layer_shapes,
-    prune_attention_groups,
-    prune_mlp_channels,
-)
+from lit_recover.models.anatomy import attention_head_counts, decoder_layers, layer_shapes
+from lit_recover.pruning.structure import prune_attention_groups, prune_mlp_channels
 
 log = logging.getLogger(__name__)
 

@@ -11,23 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from lit_recover.data import (
-    IGNORE_INDEX,
-    AlpacaDataModule,
-    DataError,
-    PadCollator,
-    ShardedBatchSampler,
-    TokenizedDataset,
-    load_records,
-    padding_fraction,
-    tokenization_fingerprint,
-)
-from lit_recover.model_io import prepare_tokenizer
-from lit_recover.prompts import load_template
-from lit_recover.tiny import build_tokenizer
+from lit_recover.data import IGNORE_INDEX, AlpacaDataModule, DataError
+from lit_recover.data.collate import PadCollator, padding_fraction
+from lit_recover.data.records import load_records
+from lit_recover.data.sampler import ShardedBatchSampler
+from lit_recover.data.tokenize import TokenizedDataset, tokenization_fingerprint
+from lit_recover.models.load import prepare_tokenizer
+from lit_recover.data.prompts import load_template
+from lit_recover.demos.tiny import build_tokenizer
 from tests.conftest import shared_data
 
-FIXTURE = Path(__file__).parent / "fixtures" / "alpaca_small.json"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "alpaca_small.json"
 RECORDS = json.loads(FIXTURE.read_text(encoding="utf-8"))
 GOOD = {"instruction": "a", "input": "", "output": "b"}
 
@@ -472,7 +466,7 @@ def test_setup_errors(tok, tmp_path):
 
 
 def test_second_run_hits_the_tokenization_cache(tok, tmp_path, monkeypatch):
-    import lit_recover.data as data
+    import lit_recover.data.tokenize as data
 
     calls = []
     original = data.tokenize_batch
@@ -522,7 +516,7 @@ def test_fingerprint_depends_on_everything(tok):
 
 
 def test_prepare_data_fills_the_cache(tok, tmp_path, monkeypatch):
-    import lit_recover.data as data
+    import lit_recover.data.tokenize as data
 
     dm = AlpacaDataModule(str(FIXTURE), val_set_size=0, cutoff_len=512, cache_dir=str(tmp_path), tokenizer=tok)
     dm.prepare_data()
@@ -560,7 +554,7 @@ class _TinyLM:
     def make(vocab_size: int):
         import lightning as L
 
-        from lit_recover.tiny import build_tiny_llama
+        from lit_recover.demos.tiny import build_tiny_llama
 
         class TinyLM(L.LightningModule):
             def __init__(self):
@@ -605,7 +599,7 @@ def test_fit_with_lightning(tok, tmp_path, val_set_size):
 
 @pytest.mark.parametrize("collator", ["pad", "pack"])
 def test_collators_refuse_empty_and_ragged_batches(collator):
-    from lit_recover.data import PackCollator
+    from lit_recover.data.collate import PackCollator
 
     collate = PadCollator(0) if collator == "pad" else PackCollator(0)
     with pytest.raises(ValueError, match="empty batch"):

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_recover.model_io import PrunedModelError, load_pruned, save_pruned
+from lit_recover.models.checks import PrunedModelError
+from lit_recover.models.load import load_pruned, save_pruned
 from lit_recover.pruning import layer_shapes, prune_attention_groups, prune_mlp_channels
-from lit_recover.safe_pickle import PickledObject, UnsafePickleError, safe_load, walk_records
-from lit_recover.tiny import build_tiny_pruned
+from lit_recover.models.safe_pickle import PickledObject, UnsafePickleError, safe_load, walk_records
+from lit_recover.demos.tiny import build_tiny_pruned
 
-FIXTURES = Path(__file__).parent / "fixtures" / "pickles"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pickles"
 VERSIONED = sorted(p.stem for p in FIXTURES.glob("*.bin"))
 
 
@@ -83,7 +84,7 @@ def test_trusting_the_pickle_reproduces_the_original_errors():
 
 
 def test_trust_pickle_loads_current_pickle_with_a_warning(tiny_pruned_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="lit_recover.model_io"):
+    with caplog.at_level(logging.WARNING, logger="lit_recover.models.load"):
         model, tok = load_pruned(tiny_pruned_path, trust_pickle=True)
     assert "trust_pickle=True" in caplog.text
     assert model.training and tok.pad_token_id == 0
@@ -92,7 +93,7 @@ def test_trust_pickle_loads_current_pickle_with_a_warning(tiny_pruned_path, capl
 def test_mistral_family_uses_the_same_path(tmp_path):
     from transformers import MistralConfig, MistralForCausalLM
 
-    from lit_recover.tiny import build_tokenizer
+    from lit_recover.demos.tiny import build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -273,10 +274,10 @@ def test_rotary_table_that_the_config_does_not_explain_is_reported(tmp_path, cap
             if name.endswith("inv_freq"):
                 buf.mul_(0.5)
     save_pruned(model, tok, tmp_path / "rope.bin")
-    with caplog.at_level(logging.WARNING, logger="lit_recover.rebuild"):
+    with caplog.at_level(logging.WARNING, logger="lit_recover.models.rebuild"):
         load_pruned(tmp_path / "rope.bin")
     assert "rotary frequencies rebuilt from its config differ" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="lit_recover.rebuild"):
+    with caplog.at_level(logging.WARNING, logger="lit_recover.models.rebuild"):
         load_pruned(FIXTURES / "llmpruner_tf4_31.bin")  # float16 table, per layer: agrees
     assert "rotary" not in caplog.text

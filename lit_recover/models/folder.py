@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lit_recover.model_io import PrunedModelError
-from lit_recover.pruning.structure import layer_shapes
-from lit_recover.rebuild import ARCHITECTURES, RebuildError, build_causal_lm
+from lit_recover.models.checks import PrunedModelError
+from lit_recover.models.anatomy import layer_shapes
+from lit_recover.models.rebuild import ARCHITECTURES, RebuildError, build_causal_lm
 
 log = logging.getLogger(__name__)
 

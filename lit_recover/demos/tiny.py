@@ -120,13 +120,13 @@ def build_tiny_pruned(seed: int = 0, num_layers: int = 4, num_heads: int = 4, nu
 
 def write_tiny_pruned(path: str | Path, seed: int = 0, **kwargs) -> Path:
     """Write a tiny pruned model as an LLM-Pruner pickle ``{'model', 'tokenizer'}`` and return its path."""
-    from lit_recover.model_io import save_pruned
+    from lit_recover.models.load import save_pruned
 
     model, tokenizer = build_tiny_pruned(seed=seed, **kwargs)
     return save_pruned(model, tokenizer, path)
 
 
-if __name__ == "__main__":  # python -m lit_recover.tiny OUT.bin
+if __name__ == "__main__":  # python -m lit_recover.demos.tiny OUT.bin
     import sys
 
     print(write_tiny_pruned(sys.argv[1] if len(sys.argv) > 1 else "results/tiny/pruned_model.bin"))

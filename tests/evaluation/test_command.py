@@ -12,9 +12,9 @@ import pytest
 from lit_recover.evaluate import main
 from lit_recover.evaluation import read_results, validate_results, write_results
 from tests.conftest import shared_data
-from tests.test_eval_report import make_results
+from tests.evaluation.test_report import make_results
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FAST = ["--latency_prompt_tokens", "8", "--latency_new_tokens", "4", "--latency_runs", "2",
         "--throughput_seq_len", "16", "--no-progress", "--quiet"]
 
@@ -63,7 +63,7 @@ def test_cli_all_metrics_on_the_shared_data(tiny_pruned_path, tmp_path, capsys):
 
 def test_cli_on_a_hugging_face_folder(tiny_pruned_path, tmp_path, capsys):
     """An unpruned baseline saved as an HF folder; the pruned pickle's parameter ratio against it."""
-    from lit_recover.tiny import build_tiny_llama, build_tokenizer
+    from lit_recover.demos.tiny import build_tiny_llama, build_tokenizer
 
     tok = build_tokenizer()
     dense = build_tiny_llama(len(tok))

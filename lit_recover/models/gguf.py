@@ -9,10 +9,10 @@ dependencies, which only its plugin code needs::
 transformers reads GGUF through the ``gguf`` package and de-quantizes the Q4_1 weights to floats.
 We copy those weights into a fresh model of the same config and ``save_pretrained`` it, so the
 result is an ordinary Hugging Face folder (safetensors + tokenizer) that ``from_pretrained`` and
-``lit_recover.model_io.load_pruned`` read without the GGUF machinery. The conversion runs once; a
+``lit_recover.models.load.load_pruned`` read without the GGUF machinery. The conversion runs once; a
 finished folder is recognised by its ``conversion.json`` and reused.
 
-Command line: ``python -m lit_recover.smollm2 [--output DIR] [--overwrite]``.
+Command line: ``python -m lit_recover.models.gguf [--output DIR] [--overwrite]``.
 """
 
 from __future__ import annotations
@@ -193,8 +193,8 @@ def convert_smollm2(output_dir: str | Path | None = None, overwrite: bool = Fals
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """``python -m lit_recover.smollm2 [--output DIR] [--overwrite] [--dtype float32]``; prints the folder."""
-    parser = argparse.ArgumentParser(prog="python -m lit_recover.smollm2",
+    """``python -m lit_recover.models.gguf [--output DIR] [--overwrite] [--dtype float32]``; prints the folder."""
+    parser = argparse.ArgumentParser(prog="python -m lit_recover.models.gguf",
                                      description="Convert the packaged SmolLM2 GGUF to a Hugging Face folder.")
     parser.add_argument("--output", default=None, help="target folder (default: the cache folder)")
     parser.add_argument("--overwrite", action="store_true", help="convert again and replace the folder")

@@ -16,7 +16,7 @@ data set is identical on every run of the same Python version (docstrings change
 releases). A second, disjoint list of modules gives held-out text for perplexity
 (``build_demo_eval_text``): docstrings the model never sees in training, in the same domain.
 
-Command line: ``python -m lit_recover.demo_data --output results/demo/demo_alpaca.json``
+Command line: ``python -m lit_recover.demos.demo_data --output results/demo/demo_alpaca.json``
 (also writes ``demo_eval.txt`` beside it).
 """
 
@@ -31,6 +31,8 @@ import logging
 import os
 import random
 import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -207,6 +209,22 @@ def build_demo_records(n: int | None = None) -> list[dict[str, str]]:
 
 @functools.lru_cache(maxsize=1)
 def _all_records() -> tuple[dict[str, str], ...]:
+    """The records, built in a fresh interpreter.
+
+    Libraries patch standard-library functions in place when they are imported (``torch.package``
+    replaces ``inspect.getfile``), so a process that imported them would build other records.
+    """
+    code = ("import json, sys; from lit_recover.demos.demo_data import _build_records; "
+            "json.dump(_build_records(), sys.stdout)")
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": path},
+                         capture_output=True, text=True, check=True)
+    return tuple(json.loads(out.stdout))
+
+
+def _build_records() -> list[dict[str, str]]:
+    """Every record, shuffled; see ``build_demo_records``. Call it in an interpreter with no third-party imports."""
     records = []
     for module_name, qualname, obj, paragraphs in _entries(TRAIN_MODULES):
         # One generator per entry, seeded by its name: an entry that exists only on some Python
@@ -229,7 +247,7 @@ def _all_records() -> tuple[dict[str, str], ...]:
             instruction = rng.choice(_DETAIL).format(name=qualname)
             records.append({"instruction": instruction, "input": "", "output": detail})
     random.Random(SEED).shuffle(records)
-    return tuple(records)
+    return records
 
 
 @functools.lru_cache(maxsize=1)
@@ -299,8 +317,8 @@ def write_demo_dataset(
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """``python -m lit_recover.demo_data --output FILE [--n N] [--eval_text FILE] [--overwrite]``."""
-    parser = argparse.ArgumentParser(prog="python -m lit_recover.demo_data",
+    """``python -m lit_recover.demos.demo_data --output FILE [--n N] [--eval_text FILE] [--overwrite]``."""
+    parser = argparse.ArgumentParser(prog="python -m lit_recover.demos.demo_data",
                                      description="Write the offline demo instruction data set (stdlib docstrings).")
     parser.add_argument("--output", default="results/demo/demo_alpaca.json", help="Alpaca JSON file to write")
     parser.add_argument("--n", type=int, default=None, help="number of records (default: all)")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lit_recover.model_io import load_pruned
+from lit_recover.models.load import load_pruned
 from lit_recover.pruning import count_parameters, default_layer_range, layer_shapes, prune_model
 from lit_recover.pruning.__main__ import main as prune_main
 from lit_recover.pruning.importance import (
@@ -18,7 +18,7 @@ from lit_recover.pruning.importance import (
     mlp_channel_scores,
     read_calibration_texts,
 )
-from lit_recover.tiny import build_tiny_llama, build_tokenizer
+from lit_recover.demos.tiny import build_tiny_llama, build_tokenizer
 
 HIDDEN = 96
 

@@ -1,6 +1,6 @@
 """Turn the inert records of a pruned pickle into a model and tokenizer of the installed transformers.
 
-The records (see :mod:`lit_recover.safe_pickle`) hold each module's ``_parameters``, ``_buffers`` and
+The records (see :mod:`lit_recover.models.safe_pickle`) hold each module's ``_parameters``, ``_buffers`` and
 ``_modules`` and the config object's attributes, whatever release or toolkit made them. From those we
 build the installed ``*ForCausalLM`` of the same family:
 
@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lit_recover.pruning.structure import decoder_layers, set_attention_attributes
-from lit_recover.safe_pickle import PickledObject, is_record
+from lit_recover.models.anatomy import decoder_layers, set_attention_attributes
+from lit_recover.models.safe_pickle import PickledObject, is_record
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import torch
 
 from lit_recover.evaluation import EvalConfig, evaluate_model, parse_metrics, validate_results, with_deltas
 from lit_recover.evaluation.report import is_measurement, iter_rows
-from tests.test_eval_ppl import TEXT
+from tests.evaluation.test_ppl import TEXT
 
 FAST = dict(latency_prompt_tokens=8, latency_new_tokens=4, latency_runs=2, throughput_batch_size=2,
             throughput_seq_len=16, ppl_seq_len=32, progress=False)

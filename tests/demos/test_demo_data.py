@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lit_recover import demo_data
-from lit_recover.demo_data import (
+from lit_recover.demos import demo_data
+from lit_recover.demos.demo_data import (
     EVAL_MODULES,
     TRAIN_MODULES,
     build_demo_eval_text,
@@ -20,7 +20,7 @@ from lit_recover.demo_data import (
     write_demo_dataset,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_outputs_are_real_docstrings(records):
 
 def test_deterministic_across_processes(records):
     """Same records in a fresh interpreter with another hash seed (no set/dict-order leaks)."""
-    code = ("import hashlib, json; from lit_recover.demo_data import build_demo_records; "
+    code = ("import hashlib, json; from lit_recover.demos.demo_data import build_demo_records; "
             "print(hashlib.sha256(json.dumps(build_demo_records(), sort_keys=True).encode()).hexdigest())")
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)

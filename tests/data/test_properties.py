@@ -11,10 +11,11 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lit_recover.data import IGNORE_INDEX, AlpacaDataModule, DataError, load_records
-from lit_recover.model_io import prepare_tokenizer
-from lit_recover.prompts import load_template
-from lit_recover.tiny import build_tokenizer
+from lit_recover.data import IGNORE_INDEX, AlpacaDataModule, DataError
+from lit_recover.data.records import load_records
+from lit_recover.models.load import prepare_tokenizer
+from lit_recover.data.prompts import load_template
+from lit_recover.demos.tiny import build_tokenizer
 
 TOKENIZER = build_tokenizer()
 prepare_tokenizer(TOKENIZER)

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from lit_recover.convert import convert, main
-from lit_recover.model_io import PrunedModelError, load_pruned, save_pruned
-from lit_recover.pruned_folder import (
+from lit_recover.models.checks import PrunedModelError
+from lit_recover.models.load import load_pruned, save_pruned
+from lit_recover.models.folder import (
     SHAPES_FILE,
     WEIGHTS_FILE,
     is_pruned_folder,
@@ -20,7 +21,7 @@ from lit_recover.pruned_folder import (
 )
 from lit_recover.pruning import layer_shapes
 
-FIXTURES = Path(__file__).parent / "fixtures" / "pickles"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pickles"
 IDS = torch.tensor([[1, 10, 20, 30, 40, 50]])
 
 

@@ -14,7 +14,7 @@ from lit_recover.evaluation.memory import (
     model_size_bytes,
     parameter_count,
 )
-from lit_recover.tiny import build_tiny_llama
+from lit_recover.demos.tiny import build_tiny_llama
 
 
 def test_parameter_ratio_to_a_base_model_folder_and_pickle(tiny_model_and_tokenizer, tmp_path):
@@ -24,7 +24,7 @@ def test_parameter_ratio_to_a_base_model_folder_and_pickle(tiny_model_and_tokeni
     tok.save_pretrained(tmp_path / "base")
     dense_count = sum(p.numel() for p in dense.parameters())
     assert count_parameters_at(tmp_path / "base") == dense_count
-    from lit_recover.model_io import save_pruned
+    from lit_recover.models.load import save_pruned
 
     save_pruned(model, tok, tmp_path / "pruned.bin")
     assert count_parameters_at(tmp_path / "pruned.bin") == parameter_count(model)

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from lit_recover.model_io import PrunedModelError, load_pruned, save_pruned
+from lit_recover.models.checks import PrunedModelError
+from lit_recover.models.load import load_pruned, save_pruned
 from lit_recover.pruning import layer_shapes
-from lit_recover.tiny import build_tiny_pruned
+from lit_recover.demos.tiny import build_tiny_pruned
 
 
 def test_load_pickle_train_mode_pad_and_uneven_shapes(tiny_pruned_path):
@@ -47,7 +48,7 @@ def test_inconsistent_layer_is_named(tmp_path):
 
 def test_hf_directory(tmp_path):
     model, tok = build_tiny_pruned()
-    from lit_recover.tiny import build_tiny_llama
+    from lit_recover.demos.tiny import build_tiny_llama
 
     dense = build_tiny_llama(len(tok))
     dense.save_pretrained(tmp_path / "hf")
@@ -78,8 +79,8 @@ def test_default_path_never_calls_torch_load(tiny_pruned_path, monkeypatch):
 
 
 def test_read_model_keeps_the_stored_state_and_dtype_casts(tmp_path):
-    from lit_recover.model_io import read_model
-    from lit_recover.pruned_folder import save_pruned_folder
+    from lit_recover.models.load import read_model
+    from lit_recover.models.folder import save_pruned_folder
 
     model, tok = build_tiny_pruned()
     save_pruned_folder(model, tok, tmp_path / "f")
@@ -92,7 +93,7 @@ def test_read_model_keeps_the_stored_state_and_dtype_casts(tmp_path):
 def test_saved_files_get_ordinary_permissions(tmp_path):
     import os
 
-    from lit_recover.pruned_folder import save_pruned_folder
+    from lit_recover.models.folder import save_pruned_folder
 
     umask = os.umask(0o022)
     try:

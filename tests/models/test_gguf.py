@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lit_recover import smollm2
-from lit_recover.smollm2 import ConversionError, convert_gguf, convert_smollm2
-from lit_recover.tiny import build_tiny_llama, build_tokenizer
+from lit_recover.models import gguf as smollm2
+from lit_recover.models.gguf import ConversionError, convert_gguf, convert_smollm2
+from lit_recover.demos.tiny import build_tiny_llama, build_tokenizer
 
 
 def _llama_cpp_order(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -110,7 +110,7 @@ def test_conversion_gives_same_logits_and_tokens(tiny_gguf, converted):
 
 
 def test_conversion_loads_through_load_pruned(converted):
-    from lit_recover.model_io import load_pruned
+    from lit_recover.models.load import load_pruned
 
     model, tok = load_pruned(converted)
     assert tok.pad_token is not None

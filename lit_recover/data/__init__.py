@@ -1,0 +1,17 @@
+"""The Alpaca instruction data path, in separate stages.
+
+records (``records.py``: hub id or local .json/.jsonl, checked one by one)
+  → prompt template (``prompts.py``, ``templates/``)
+  → tokens and labels, computed once per record and cached on disk (``tokenize.py``)
+  → a train/validation split held out by seed (``sampler.py``)
+  → ``ShardedBatchSampler``: seeded shuffling or length grouping, one disjoint shard per rank,
+    the same number of micro-batches on every rank, resumable mid-epoch (``sampler.py``)
+  → ``PadCollator`` / ``PackCollator`` (``collate.py``)
+  → ``AlpacaDataModule`` ties them together (``datamodule.py``).
+"""
+
+from lit_recover.data.datamodule import AlpacaDataModule
+from lit_recover.data.records import DataError
+from lit_recover.data.tokenize import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX", "AlpacaDataModule", "DataError"]
