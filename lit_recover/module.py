@@ -27,12 +27,13 @@ from typing_extensions import override
 
 from lit_recover.data import IGNORE_INDEX
 from lit_recover.distributed import ShardedModel, gather_merged, gather_trainable, shard_lora_model
+from lit_recover.errors import LitRecoverError
 from lit_recover.lora import use_lean_lora
 from lit_recover.models.load import load_pruned
 
 log = logging.getLogger(__name__)
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(LitRecoverError, RuntimeError):
     """The training loss became NaN or inf."""
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]

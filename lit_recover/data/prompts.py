@@ -26,6 +26,8 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from lit_recover.errors import LitRecoverError
+
 log = logging.getLogger(__name__)
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
@@ -37,7 +39,7 @@ _REQUIRED_KEYS = ("prompt_input", "prompt_no_input", "response_split")
 _FIELDS = {"prompt_input": {"instruction", "input"}, "prompt_no_input": {"instruction"}}
 
 
-class TemplateError(ValueError):
+class TemplateError(LitRecoverError, ValueError):
     """A template that cannot be found or used, with a one-line reason naming it."""
 
 

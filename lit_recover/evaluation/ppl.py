@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lit_recover.errors import LitRecoverError
 from lit_recover.evaluation.report import OK, failed, measurement, skipped
 
 log = logging.getLogger(__name__)
 
 
-class PPLDataError(ValueError):
+class PPLDataError(LitRecoverError, ValueError):
     """A perplexity text that cannot be used; the message names the file and the problem."""
 
 

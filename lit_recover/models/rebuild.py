@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_recover.errors import LitRecoverError
 from lit_recover.models.anatomy import decoder_layers, set_attention_attributes
 from lit_recover.models.safe_pickle import PickledObject, is_record
 
@@ -53,7 +54,7 @@ _RECOMPUTED = re.compile(r"(^|\.)rotary_emb\.(inv_freq|cos_cached|sin_cached|ori
 _LEGACY_CONFIG_KEYS = {"rope_theta", "rope_scaling", "sliding_window", "use_sliding_window", "max_window_layers"}
 
 
-class RebuildError(ValueError):
+class RebuildError(LitRecoverError, ValueError):
     """The records do not describe a model or tokenizer we know how to rebuild."""
 
 

@@ -32,10 +32,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from lit_recover.errors import LitRecoverError
+
 log = logging.getLogger(__name__)
 
 
-class UnsafePickleError(ValueError):
+class UnsafePickleError(LitRecoverError, ValueError):
     """The file is not a torch zip checkpoint this reader can take apart safely."""
 
 

@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lit_recover.errors import LitRecoverError
 from lit_recover.models.anatomy import attention_head_counts
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ BUILTIN_CALIBRATION_TEXTS: tuple[str, ...] = (
 )
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(LitRecoverError, ValueError):
     """A calibration file that cannot be used; the message names the file, record and problem."""
 
 
