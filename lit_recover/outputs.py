@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from lit_recover.errors import OutputExistsError
+
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_LAST = "checkpoint-last"
 TRAINER_STATE = "lightning.ckpt"
@@ -137,8 +139,8 @@ def _umask() -> int:
     return mask
 
 
-def _exists_error(path: Path) -> FileExistsError:
-    return FileExistsError(f"{path}: already exists; pass overwrite=True (--overwrite) to replace it")
+def _exists_error(path: Path) -> OutputExistsError:
+    return OutputExistsError(f"{path}: already exists; pass overwrite=True (--overwrite true) to replace it")
 
 
 def _fsync_dir(directory: Path) -> None:
