@@ -10,16 +10,42 @@ from lit_recover.outputs import resolve_checkpoint
 from lit_recover.cli import ConfigError, RecoveryCLI, default_output_dir, gradient_accumulation
 from main import cli_main
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# every recipe alone, and the recipe under each scale-out overlay (given after it: later files win)
+CONFIGS = [[p] for p in sorted(CONFIG_DIR.glob("*.yaml"))] + [
+    [CONFIG_DIR / "recover.yaml", p] for p in sorted((CONFIG_DIR / "scale").glob("*.yaml"))
+]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_every_config_parses_and_instantiates(config, tiny_pruned_path, alpaca_json, tmp_path):
+def _merged(paths: list[Path]) -> dict:
+    """The settings of config files given in this order: a later file's keys replace, section by section."""
+    raw: dict = {}
+    for path in paths:
+        for key, value in (yaml.safe_load(path.read_text()) or {}).items():
+            both = isinstance(value, dict) and isinstance(raw.get(key), dict)
+            raw[key] = {**raw[key], **value} if both else value
+    return raw
+
+
+@pytest.mark.parametrize("configs", CONFIGS, ids=lambda ps: "+".join(p.relative_to(CONFIG_DIR).as_posix() for p in ps))
+def test_every_config_parses_and_instantiates(configs, tiny_pruned_path, alpaca_json, tmp_path):
+    import importlib
+
+    from lightning.pytorch.strategies import StrategyRegistry
+
     cli = RecoveryCLI(args=[
-        "--config", str(config), "--model.pruned_model", str(tiny_pruned_path),
+        *(arg for path in configs for arg in ("--config", str(path))), "--model.pruned_model", str(tiny_pruned_path),
         "--data.data_path", str(alpaca_json), "--output_dir", str(tmp_path / "out"),
     ], run=False)
-    raw = yaml.safe_load(config.read_text())
+    raw = _merged(configs)
+    strategy = (raw.get("trainer") or {}).get("strategy")
+    if strategy is not None:  # an overlay's strategy is the trainer's
+        if isinstance(strategy, str):
+            expected = StrategyRegistry[strategy]["strategy"]
+        else:
+            module, _, name = strategy["class_path"].rpartition(".")
+            expected = getattr(importlib.import_module(module), name)
+        assert isinstance(cli.trainer.strategy, expected), type(cli.trainer.strategy)
     for key, value in (raw.get("model") or {}).items():
         if key != "pruned_model":
             assert cli.model.hparams[key] == value, key
@@ -263,7 +289,7 @@ def test_killed_runs_resume_to_the_same_adapter(tiny_pruned_path, alpaca_json, t
     def run_killed(out, driver_point=None):
         args = _fit_args(tiny_pruned_path, alpaca_json, out, *common)
         if driver_point:
-            cmd = [sys.executable, str(repo / "tests" / "kill_driver.py"), driver_point, "4", *args]
+            cmd = [sys.executable, "-m", "tests.kill_driver", driver_point, "4", *args]
             proc = subprocess.run(cmd, cwd=repo, capture_output=True, timeout=600)
             assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
         else:  # from outside, once the first checkpoint exists

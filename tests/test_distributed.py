@@ -108,6 +108,11 @@ def launch(jobs: list[tuple[list[str], dict[str, str], Path]], log_dir: Path,
         pytest.fail(f"launched jobs ended with {codes} (None: killed after {timeout:.0f} s)\n{tails}")
 
 
+def scale_config(overlay: str) -> list[str]:
+    """The recipe with a scale-out overlay on top, as a user gives them: ``--config`` twice."""
+    return ["--config", str(CONFIGS / "recover.yaml"), "--config", str(CONFIGS / "scale" / f"{overlay}.yaml")]
+
+
 def fit_args(model: Path, setting: dict[str, Path], out: str | Path, *extra: str) -> list[str]:
     return ["fit", "--model.pruned_model", str(model), "--data.data_path", str(setting["data"]),
             "--data.cache_dir", str(setting["cache"]), "--output_dir", str(out),
@@ -264,7 +269,7 @@ def test_resume_finds_a_sharded_checkpoint_folder(tmp_path):
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tiny_pruned_path, setting, reference, tmp_path):
     out = tmp_path / "ddp"
-    argv = [sys.executable, str(MAIN), "fit", "--config", str(CONFIGS / "ddp.yaml"),
+    argv = [sys.executable, str(MAIN), "fit", *scale_config("ddp"),
             *fit_args(tiny_pruned_path, setting, out, "--trainer.devices", "2", *recorder(out / "record"))[1:]]
     launch([(argv, clean_env(), REPO)], tmp_path / "logs")
 
@@ -296,7 +301,7 @@ def test_two_nodes_on_localhost(tiny_pruned_path, setting, reference, tmp_path):
     for node in (0, 1):
         cwd = tmp_path / f"node{node}"
         cwd.mkdir()
-        argv = [sys.executable, str(MAIN), "fit", "--config", str(CONFIGS / "multinode.yaml"),
+        argv = [sys.executable, str(MAIN), "fit", *scale_config("multinode"),
                 *fit_args(tiny_pruned_path, setting, "out", "--trainer.num_nodes", "2", "--trainer.devices", "1",
                           "--data.group_by_length", "true", *recorder(tmp_path / "record"),
                           "--model.nonfinite_loss", "skip", *nan_once(rank=1, batch_idx=1))[1:]]
@@ -346,7 +351,7 @@ def test_fsdp2_two_processes_match_one_and_resume(tiny_pruned_path, setting, ref
 
     from lit_recover.evaluation import EvalConfig, evaluate_model, with_deltas
 
-    base_cmd = [sys.executable, str(MAIN), "fit", "--config", str(CONFIGS / "fsdp.yaml")]
+    base_cmd = [sys.executable, str(MAIN), "fit", *scale_config("fsdp")]
     run_a = tmp_path / "fsdp"
     text = tmp_path / "held_out.txt"
     text.write_text("\n\n".join(f"Record {i}: low rank adapters recover pruned models." for i in range(60)))
@@ -410,7 +415,7 @@ def test_fsdp2_full_checkpoint_resumes_in_one_process(tiny_pruned_path, setting,
     saved_env = dict(os.environ)  # Lightning's launcher exports MASTER_PORT, LOCAL_RANK, … for its children
     # OMP_NUM_THREADS set keeps Lightning from raising the thread count to the core count
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
-    common = ["fit", "--config", str(CONFIGS / "fsdp.yaml"), "--trainer.strategy.save_distributed_checkpoint", "false"]
+    common = ["fit", *scale_config("fsdp"), "--trainer.strategy.save_distributed_checkpoint", "false"]
     try:
         run = tmp_path / "full"
         cli_main([*common, *fit_args(tiny_pruned_path, setting, run, "--trainer.devices", "1")[1:]])
