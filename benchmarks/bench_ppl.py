@@ -9,10 +9,10 @@ process on one loaded model, alternating (reference, lit-recover, reference, …
 perplexities and their difference, non-pad tokens/s per run, medians and per-pair ratios
 (lit-recover ÷ reference). Results go to ``benchmarks/results/<tag>.json|md``.
 
-Usage::
+Usage, from the repository root::
 
-    python benchmarks/bench_ppl.py --quick                                  # tiny model, seconds
-    python benchmarks/bench_ppl.py --model results/smollm2_taylor20/pruned_model.bin \\
+    python -m benchmarks.bench_ppl --quick                                  # tiny model, seconds
+    python -m benchmarks.bench_ppl --model results/smollm2_taylor20/pruned_model.bin \\
         --data ../shared/data/ppl/wikitext2_test.txt --limit 32 --pairs 3
 """
 
@@ -22,7 +22,6 @@ import argparse
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,16 +30,29 @@ from typing import Any
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_fit import fresh_tag, hardware, write_report  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
-DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "ppl" / "wikitext2_test.txt"
+from benchmarks.common import DEFAULT_TEXT, RESULTS, command_line, default_tag, hardware
+from benchmarks.report import fresh_tag, ppl_markdown, write_report
 
 
+# --- settings --------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the tiny pruned model built on the fly")
+    p.add_argument("--model", help="pruned pickle, pruned folder or HF folder (default: tiny with --quick)")
+    p.add_argument("--data", default=str(DEFAULT_TEXT),
+                   help="text file (default ../shared/data/ppl/wikitext2_test.txt)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--limit", type=int, default=None, help="first chunks only (default: 32, 8 with --quick)")
+    p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--tag", default=None, help="results name (default perf_ppl[_quick])")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--overwrite", action="store_true", help="replace results of the same --tag")
+    return p.parse_args(argv)
+
+
+# --- the two loops ---------------------------------------------------------------------------------
 @torch.no_grad()
 def reference_ppl(model: nn.Module, chunks: torch.Tensor, batch_size: int = 4) -> float:
     """LLM-Pruner's loop: per-token losses in the logits' dtype, concatenated, exp of their mean."""
@@ -98,50 +110,16 @@ def run(model: nn.Module, chunks: torch.Tensor, pairs: int, batch_size: int) -> 
     }
 
 
-def markdown(report: dict[str, Any]) -> str:
-    r = report["result"]
-    t = r["tokens_per_s"]
-    pairs = ", ".join(f"{x:.2f}" for x in t["ratio_pairs"])
-    cpu_pairs = ", ".join(f"{x:.2f}" for x in r["tokens_per_cpu_s_ratio"]["pairs"])
-    return "\n".join([
-        f"# {report['tag']}",
-        "",
-        f"`{report['command']}`",
-        "",
-        f"{report['n_chunks']} chunks × {report['seq_len']} tokens, batch {report['batch_size']}; "
-        f"{report['hardware'].get('cpu')}, {report['hardware'].get('cores')} cores, torch {report['hardware'].get('torch')}, "
-        f"{report['threads']} thread(s); load average {report['load_avg_start'][0]:.1f} at the start",
-        "",
-        "| quantity | reference (LLM-Pruner loop) | lit-recover | lit ÷ ref, median (pairs) |",
-        "|---|---:|---:|---|",
-        f"| perplexity | {r['ppl']['reference']:.6f} | {r['ppl']['lit']:.6f} | relative difference "
-        f"{r['ppl']['relative_difference']:.1e} |",
-        f"| tokens/s | {t['reference']:.1f} | {t['lit']:.1f} | {t['ratio_median']:.2f} ({pairs}) |",
-        f"| tokens/CPU-s | | | {r['tokens_per_cpu_s_ratio']['median']:.2f} ({cpu_pairs}) |",
-    ])
-
-
+# --- the run ---------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="the tiny pruned model built on the fly")
-    p.add_argument("--model", help="pruned pickle, pruned folder or HF folder (default: tiny with --quick)")
-    p.add_argument("--data", default=str(DEFAULT_TEXT), help="text file (default ../shared/data/ppl/wikitext2_test.txt)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--limit", type=int, default=None, help="first chunks only (default: 32, 8 with --quick)")
-    p.add_argument("--pairs", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--tag", default=None, help="results name (default perf_ppl[_quick])")
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--overwrite", action="store_true", help="replace results of the same --tag")
-    args = p.parse_args(argv)
+    args = parse_args(argv)
     from lit_recover.evaluation.ppl import chunk_stream, make_chunks, read_text_file
     from lit_recover.models.load import load_pruned
 
     if args.threads:
         torch.set_num_threads(args.threads)
     limit = args.limit or (8 if args.quick else 32)
-    tag = args.tag or ("perf_ppl_quick" if args.quick else "perf_ppl")
+    tag = args.tag or default_tag("ppl", args.quick)
     out = Path(args.out)
     tag = fresh_tag(out, tag, args.overwrite)
     with tempfile.TemporaryDirectory(prefix="bench-ppl-") as tmp:
@@ -157,14 +135,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # the protocol's stream; for a limit only the prefix that the first chunks need is tokenized
     ids, _ = chunk_stream(tokenizer, read_text_file(args.data), args.seq_len, limit, add_bos=True)
     chunks = make_chunks(ids, args.seq_len, limit)
-    command = "python benchmarks/bench_ppl.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("bench_ppl", argv)
     report = {"tag": tag, "command": command, "hardware": hardware(), "threads": torch.get_num_threads(),
               "model": str(model_path) if args.model else "tiny", "data": args.data, "seq_len": args.seq_len,
               "batch_size": args.batch_size, "n_chunks": len(chunks), "load_avg_start": os.getloadavg(),
               "units": {"ppl": "perplexity", "tokens_per_s": "scored chunk tokens per wall second",
                         "seconds": "s"},
               "result": run(model, chunks, args.pairs, args.batch_size)}
-    text_md = markdown(report)
+    text_md = ppl_markdown(report)
     print(text_md)
     write_report(out, tag, report, text_md)
     return report

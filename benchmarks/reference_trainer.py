@@ -21,8 +21,9 @@ default (``val_set_size=0``: the benchmark times training), the shuffle is seede
 ``lm_head`` in a cast to fp32 (a no-op in fp32); it turns on gradient checkpointing only for 8-bit
 models, so the reference runs without it.
 
-Usage: ``python benchmarks/reference_trainer.py --prune_model prune_log/x/pruned_model.bin
---data_path ../shared/data/alpaca/alpaca_data_cleaned.json --output_dir results/reference``
+Usage, from the repository root: ``python -m benchmarks.reference_trainer --prune_model
+prune_log/x/pruned_model.bin --data_path ../shared/data/alpaca/alpaca_data_cleaned.json --output_dir
+results/reference``
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any

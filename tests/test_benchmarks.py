@@ -3,30 +3,22 @@ quick end-to-end run of both sides on the same batches."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("bench_fit"), importlib.import_module("reference_trainer")
-    finally:
-        sys.path.remove(str(BENCH))
+from benchmarks import bench_fit as fit
+from benchmarks import bench_ppl
+from benchmarks import reference_trainer as ref
+from benchmarks.meter import StepMeter
+from benchmarks.report import compare
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from lit_recover.models.load import prepare_tokenizer
     from lit_recover.demos.tiny import build_tokenizer
+    from lit_recover.models.load import prepare_tokenizer
 
     tok = build_tokenizer()
     prepare_tokenizer(tok)
@@ -35,13 +27,13 @@ def tokenizer():
 
 RECORDS = [
     {"instruction": "Give three tips for staying healthy.", "input": "", "output": "Eat well, exercise and sleep."},
-    {"instruction": "Summarize the text in one sentence.", "input": "The model was pruned.", "output": "It was pruned."},
+    {"instruction": "Summarize the text in one sentence.", "input": "The model was pruned.",
+     "output": "It was pruned."},
 ]
 
 
 @pytest.mark.parametrize("add_eos_token", [False, True])
-def test_reference_masks_the_prompt_and_always_ends_with_eos(bench, tokenizer, add_eos_token):
-    _, ref = bench
+def test_reference_masks_the_prompt_and_always_ends_with_eos(tokenizer, add_eos_token):
     for record in RECORDS:
         out = ref.tokenize_record(tokenizer, record, cutoff_len=256, add_eos_token=add_eos_token)
         prompt = tokenizer(ref.generate_prompt(record["instruction"], record["input"]))["input_ids"]
@@ -52,20 +44,18 @@ def test_reference_masks_the_prompt_and_always_ends_with_eos(bench, tokenizer, a
         assert len(out["attention_mask"]) == len(out["input_ids"])
 
 
-def test_reference_truncates_without_eos(bench, tokenizer):
-    _, ref = bench
+def test_reference_truncates_without_eos(tokenizer):
     out = ref.tokenize_record(tokenizer, RECORDS[1], cutoff_len=12)
     assert len(out["input_ids"]) == 12
     assert out["input_ids"][-1] != tokenizer.eos_token_id
     assert out["labels"] == [-100] * 12  # the prompt alone fills the cutoff
 
 
-def test_reference_labels_equal_lit_recover_labels_with_add_eos_token(bench, tokenizer):
+def test_reference_labels_equal_lit_recover_labels_with_add_eos_token(tokenizer):
     """The benchmark gives lit-recover ``add_eos_token true``: then both sides train on the same tokens."""
-    from lit_recover.data.tokenize import tokenize_batch
     from lit_recover.data.prompts import load_template
+    from lit_recover.data.tokenize import tokenize_batch
 
-    _, ref = bench
     batch = {k: [r[k] for r in RECORDS] for k in ("instruction", "input", "output")}
     batch["index"] = [0, 1]
     for cutoff in (256, 30):
@@ -80,9 +70,8 @@ class _Module(torch.nn.Module):
     pass
 
 
-def test_step_meter_counts_tokens_and_weights_the_loss(bench):
-    fit, _ = bench
-    meter = fit.StepMeter()
+def test_step_meter_counts_tokens_and_weights_the_loss():
+    meter = StepMeter()
     meter.start()
     module = _Module().train()
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
@@ -105,11 +94,10 @@ def _run(arm, tokens_per_step, seconds, peak, loss=2.0):
     return {"arm": arm, "side": arm, "steps": steps, "peak_rss_mb": peak}
 
 
-def test_compare_reports_medians_and_per_pair_ratios(bench):
-    fit, _ = bench
+def test_compare_reports_medians_and_per_pair_ratios():
     runs = [_run("reference", 100, 2.0, 1000), _run("lit", 100, 1.0, 700),
             _run("reference", 100, 4.0, 1000), _run("lit", 100, 1.0, 900)]
-    out = fit.compare(runs, skip=1, group_by_length=True)
+    out = compare(runs, skip=1, group_by_length=True)
     tps = out["metrics"]["tokens_per_s"]
     assert tps["pair_ratios"] == pytest.approx([2.0, 4.0])
     assert tps["ratio_median"] == pytest.approx(3.0)
@@ -120,9 +108,8 @@ def test_compare_reports_medians_and_per_pair_ratios(bench):
 
 
 @pytest.mark.slow
-def test_quick_mode_trains_both_sides_on_the_same_batches(bench, alpaca_json, tmp_path):
+def test_quick_mode_trains_both_sides_on_the_same_batches(alpaca_json, tmp_path):
     """Both sides in file order: the same tokens every step, and the same losses (the same math)."""
-    fit, _ = bench
     report = fit.main(["--quick", "--data", str(alpaca_json), "--pairs", "1", "--steps", "2",
                        "--scenarios", "sequential", "--threads", "1", "--out", str(tmp_path), "--tag", "perf_t"])
     written = json.loads((tmp_path / "perf_t.json").read_text())
@@ -137,8 +124,7 @@ def test_quick_mode_trains_both_sides_on_the_same_batches(bench, alpaca_json, tm
     assert report["hardware"]["torch"] == torch.__version__
 
 
-def test_earlier_results_are_not_overwritten(bench, tmp_path, capsys):
-    fit, _ = bench
+def test_earlier_results_are_not_overwritten(tmp_path, capsys):
     for ext in ("json", "md"):
         (tmp_path / f"perf_x.{ext}").write_text("earlier")
     with pytest.raises(SystemExit):  # stops at the unknown scenario, after choosing the file name
@@ -149,11 +135,6 @@ def test_earlier_results_are_not_overwritten(bench, tmp_path, capsys):
 
 def test_ppl_benchmark_gives_the_reference_loops_perplexity(tmp_path):
     """bench_ppl: lit-recover's loop and LLM-Pruner's score the same chunks to the same perplexity."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        bench_ppl = importlib.import_module("bench_ppl")
-    finally:
-        sys.path.remove(str(BENCH))
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(f"Row {i}: the pruned model reads this sentence number {i}." for i in range(400)))
     report = bench_ppl.main(["--quick", "--data", str(text), "--limit", "6", "--pairs", "1",
