@@ -15,12 +15,17 @@ Every file the project writes goes through the atomic writer below: a temporary 
 target, flushed and fsync'ed, then renamed over it, with the modes a plain ``open()`` or ``mkdir``
 would give. A kill at any point leaves either the old file or the new one, never half of one.
 ``overwrite=False`` refuses an existing target, also one that appeared while the file was written.
+
+The project's JSON files (evaluation results, the pruning report) open with one header,
+``{"schema": <name>, "schema_version": <int>, ...}`` (:func:`schema_header`, :func:`read_schema`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
 import shutil
 import tempfile
@@ -30,6 +35,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from lit_recover.errors import OutputExistsError
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_LAST = "checkpoint-last"
@@ -44,6 +51,12 @@ CONFIG_FILE = "config.yaml"
 LOG_DIR = "logs"
 # What marks an output_dir as holding results of an earlier run.
 RESULT_NAMES = (ADAPTER_DIR, MERGED_PICKLE, MERGED_FOLDER, EVAL_DIR, CHECKPOINT_LAST)
+# A folder being written (``checkpoint-<n>.tmp``) and the previous copy during a swap (``.old``).
+STAGING_SUFFIX = ".tmp"
+OLD_SUFFIX = ".old"
+# The header of every JSON file the project writes.
+SCHEMA_KEY = "schema"
+SCHEMA_VERSION_KEY = "schema_version"
 
 
 @dataclass(frozen=True)
@@ -116,7 +129,7 @@ def resolve_checkpoint(ckpt_path: str | Path, output_dir: str | Path | None = No
             return str(last)
         # a kill between the renames of a save: the newest complete folder wins
         found = [p / TRAINER_STATE for p in out.glob(f"{CHECKPOINT_PREFIX}*")
-                 if not p.name.endswith(".tmp") and _complete(p / TRAINER_STATE)]
+                 if not p.name.endswith(STAGING_SUFFIX) and _complete(p / TRAINER_STATE)]
         if not found:
             raise FileNotFoundError(
                 f"{out}: no checkpoint to resume from (looked for {CHECKPOINT_LAST}/ and checkpoint-<step>/)"
@@ -226,22 +239,59 @@ def _ordinary_modes(folder: Path) -> None:
         sub.chmod((0o777 if sub.is_dir() else 0o666) & ~mask)
 
 
+def sync_tree(folder: str | Path) -> None:
+    """fsync every file under ``folder`` and the folders themselves, before the folder is renamed."""
+    folder = Path(folder)
+    for sub in folder.rglob("*"):
+        if sub.is_file() and not sub.is_symlink():
+            with open(sub, "rb") as fh:
+                os.fsync(fh.fileno())
+    for sub in [folder, *(d for d in folder.rglob("*") if d.is_dir())]:
+        _fsync_dir(sub)
+
+
+def staging_dir(final: str | Path) -> Path:
+    """``<final>.tmp``: where a folder is written before :func:`replace_dir` renames it.
+
+    A fixed name, so that every rank of a distributed run writes its part into the same folder;
+    :func:`resolve_checkpoint` never picks it.
+    """
+    final = Path(final)
+    return final.with_name(final.name + STAGING_SUFFIX)
+
+
+def fresh_dir(folder: str | Path) -> Path:
+    """An empty ``folder`` (a leftover of an interrupted write is removed first)."""
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _swap_dir(tmp: Path, final: Path, aside: Path) -> None:
+    """``final`` -> ``aside``, ``tmp`` -> ``final``, then ``aside`` goes: always one whole copy on disk."""
+    if final.exists():
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if aside.is_dir():
+        shutil.rmtree(aside)
+    elif aside.exists():
+        aside.unlink()
+
+
 def replace_dir(tmp: str | Path, final: str | Path) -> None:
     """Move the finished folder ``tmp`` to ``final``; a kill at any point leaves a usable copy.
 
-    An existing ``final`` is first renamed to ``final.old`` (still found by ``resolve_checkpoint``),
-    then ``tmp`` takes its name, then the old copy goes.
+    The files in ``tmp`` are fsync'ed first. An existing ``final`` is renamed to ``final.old`` (still
+    found by ``resolve_checkpoint``), then ``tmp`` takes its name, then the old copy goes.
     """
     final, tmp = Path(final), Path(tmp)
-    old = final.with_name(final.name + ".old")
+    sync_tree(tmp)
+    old = final.with_name(final.name + OLD_SUFFIX)
     if old.exists():
         shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    _swap_dir(tmp, final, old)
 
 
 @contextlib.contextmanager
@@ -250,6 +300,10 @@ def atomic_dir(directory: str | Path, *, overwrite: bool = True) -> Iterator[Pat
 
     ``with atomic_dir(out / "lora_adapter") as tmp: save_files_into(tmp)``. An exception inside the
     block removes the temporary folder and leaves an existing ``directory`` as it was.
+    ``overwrite=False`` refuses (``FileExistsError``) an existing file or non-empty folder, also one
+    that appeared while the block ran; an empty folder is replaced. During the swap the previous
+    copy waits under a hidden unique name beside it (``.<name>.XXXX.old/previous``), so no other
+    folder is ever removed.
     """
     directory = Path(directory)
 
@@ -259,18 +313,52 @@ def atomic_dir(directory: str | Path, *, overwrite: bool = True) -> Iterator[Pat
 
     refuse()
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=STAGING_SUFFIX, dir=directory.parent))
     try:
         yield tmp
-        for sub in tmp.rglob("*"):
-            if sub.is_file():
-                with open(sub, "rb") as fh:
-                    os.fsync(fh.fileno())
+        sync_tree(tmp)
         _ordinary_modes(tmp)
         refuse()  # again: something may have appeared while writing
         if directory.is_dir() and not any(directory.iterdir()):
             directory.rmdir()
-        replace_dir(tmp, directory)
+        aside = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=OLD_SUFFIX, dir=directory.parent))
+        try:
+            _swap_dir(tmp, directory, aside / "previous")
+        finally:
+            shutil.rmtree(aside, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- the JSON header ------------------------------------------------------------------------------
+def schema_header(schema: str, version: int) -> dict[str, Any]:
+    """``{"schema": schema, "schema_version": version}``: the first keys of a JSON file we write."""
+    return {SCHEMA_KEY: schema, SCHEMA_VERSION_KEY: version}
+
+
+def read_schema(obj: Any) -> tuple[Any, Any]:
+    """``(schema, version)`` of a JSON object; ``(None, None)`` for an untagged one.
+
+    Reads the header of :func:`schema_header` and also the ``{"format", "version"}`` spelling.
+    """
+    if not isinstance(obj, dict):
+        return None, None
+    if SCHEMA_KEY in obj or SCHEMA_VERSION_KEY in obj:
+        return obj.get(SCHEMA_KEY), obj.get(SCHEMA_VERSION_KEY)
+    return obj.get("format"), obj.get("version")
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by ``None`` (not valid JSON), logged.
+
+    For results that must not be lost at writing because one number overflowed.
+    """
+    if isinstance(obj, float) and not math.isfinite(obj):
+        log.warning("a non-finite number (%s) was written as null", obj)
+        return None
+    if isinstance(obj, dict):
+        return {str(k): finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
