@@ -7,8 +7,8 @@ that runs is a model FLOP, so the analytic total must match exactly: nothing is 
 integer counts of the same products. Under activation checkpointing the count is of the whole
 forward recomputed, so those steps run with torch's early stop off (with it on, torch stops a
 layer's recomputation once the last tensor the backward needs is saved: a trailing matmul that saves
-only its inputs, such as a ``down_proj`` without adapter, is then skipped). What neither counts is element-wise work (norms, softmax,
-dropout, the rotary outer product, the loss) and the optimizer.
+only its inputs, such as a ``down_proj`` without adapter, is then skipped). What neither counts is
+element-wise work (norms, softmax, dropout, the rotary outer product, the loss) and the optimizer.
 """
 
 from __future__ import annotations
