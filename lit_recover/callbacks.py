@@ -120,6 +120,7 @@ class RecoveryOutputs(Callback):
         self.before_metrics = ["ppl"] if before_metrics is None else list(before_metrics)
         self.save_pickle_free = save_pickle_free
         self.before: dict | None = None
+        self.incomplete: tuple[dict, Path] | None = None  # evaluation.strict: results that miss a metric
 
     def _eval_config(self, metrics: list[str] | None = None):
         from lit_recover.evaluation import EvalConfig
@@ -160,6 +161,11 @@ class RecoveryOutputs(Callback):
             self._write_merged(pl_module, merged)
         # rank zero may evaluate for hours: a barrier that outlasts the process group's timeout
         wait_for_rank_zero("recovery-outputs")
+        # evaluation.strict: raised after the barrier, so that no rank is left waiting for rank zero
+        if self.incomplete is not None:
+            from lit_recover.evaluation import raise_if_missing
+
+            raise_if_missing(*self.incomplete)
 
     def _write_adapter(self, pl_module: L.LightningModule, adapter: dict | None = None) -> None:
         with atomic_dir(self.run.adapter) as tmp:
@@ -192,3 +198,12 @@ class RecoveryOutputs(Callback):
         results = with_deltas(self.before, after) if self.before is not None else after
         path = write_results(results, self.run.evaluation, overwrite=True)
         rank_zero_info(f"Wrote {path}")
+        from lit_recover.evaluation import failure_box, missing_metrics
+
+        box = failure_box(results, path)
+        if box is not None:  # the last thing a fit prints: a lost metric is seen, not found missing later
+            import sys
+
+            print(box, file=sys.stderr, flush=True)
+        if self._eval_config().strict and missing_metrics(results):
+            self.incomplete = (results, path)

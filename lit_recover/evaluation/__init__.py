@@ -18,6 +18,10 @@ _SUITE = "lit_recover.evaluation.suite"
 _LAZY = {
     "compare_chart": _REPORT,
     "compare_table": _REPORT,
+    "failure_box": _REPORT,
+    "MissingMetricsError": _REPORT,
+    "missing_metrics": _REPORT,
+    "raise_if_missing": _REPORT,
     "read_results": _REPORT,
     "validate_results": _REPORT,
     "with_deltas": _REPORT,

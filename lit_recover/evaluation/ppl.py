@@ -40,18 +40,37 @@ class PPLDataError(LitRecoverError, ValueError):
 
 @dataclass(frozen=True)
 class PPLSource:
-    """Where one perplexity dataset comes from: a local file name, or the hub."""
+    """Where one perplexity dataset comes from: a local file name, or the hub.
+
+    Attributes:
+        file: the joined text's file name under ``ppl_data_dir``.
+        hub_path: the hub dataset (``load_dataset(hub_path, hub_name, split=split)``).
+        hub_name: its configuration.
+        split: the split the protocol scores.
+        field: the column whose rows are joined.
+        parquet: parquet files to read instead of ``hub_path`` (``data_files`` of
+            ``load_dataset("parquet")``, ``hf://`` paths allowed): for datasets whose hub repository
+            needs a loading script, which ``datasets`` >= 4 refuses to run.
+    """
 
     file: str
     hub_path: str
     hub_name: str
     split: str
     field: str
+    parquet: str | None = None
 
+
+# ptb_text_only is a loading-script dataset; the hub's parquet conversion of it (branch
+# refs/convert/parquet) holds the script's own rows (one stripped line of ptb.valid.txt per row, 3,370
+# in validation), so "\n\n".join gives the string LLM-Pruner's protocol builds (see docs/evaluation.md).
+PTB_PARQUET = ("hf://datasets/ptb-text-only/ptb_text_only@refs%2Fconvert%2Fparquet/"
+               "penn_treebank/validation/*.parquet")
 
 PPL_SOURCES: dict[str, PPLSource] = {
     "wikitext2": PPLSource("wikitext2_test.txt", "wikitext", "wikitext-2-raw-v1", "test", "text"),
-    "ptb": PPLSource("ptb_validation.txt", "ptb_text_only", "penn_treebank", "validation", "sentence"),
+    "ptb": PPLSource("ptb_validation.txt", "ptb-text-only/ptb_text_only", "penn_treebank", "validation",
+                     "sentence", parquet=PTB_PARQUET),
 }
 
 
@@ -77,10 +96,12 @@ def load_ppl_text(name: str, data_dir: str | Path | None = None) -> tuple[str, s
     Args:
         name: a key of :data:`PPL_SOURCES` (``wikitext2`` or ``ptb``).
         data_dir: a folder holding ``wikitext2_test.txt``/``ptb_validation.txt`` (exactly the joined
-            strings); ``None`` loads the split from the Hugging Face hub with ``datasets``.
+            strings); ``None`` loads the split from the Hugging Face hub with ``datasets`` (PTB from
+            the parquet conversion of its repository).
 
     Returns:
-        ``(text, source)``; ``source`` is the file path or ``hub:<path>/<name>:<split>``.
+        ``(text, source)``; ``source`` is the file path, ``hub:<path>/<name>:<split>``, or the
+        parquet files read (``hf://datasets/...``).
     """
     src = PPL_SOURCES[name]
     if data_dir is not None:
@@ -88,6 +109,9 @@ def load_ppl_text(name: str, data_dir: str | Path | None = None) -> tuple[str, s
         return read_text_file(path), str(path)
     from datasets import load_dataset
 
+    if src.parquet is not None:
+        rows = load_dataset("parquet", data_files={src.split: src.parquet}, split=src.split)[src.field]
+        return "\n\n".join(rows), src.parquet
     rows = load_dataset(src.hub_path, src.hub_name, split=src.split)[src.field]
     return "\n\n".join(rows), f"hub:{src.hub_path}/{src.hub_name}:{src.split}"
 

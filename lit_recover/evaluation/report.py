@@ -274,6 +274,78 @@ def with_deltas(before: dict, after: dict) -> dict:
             "before": before, "after": after, "deltas": deltas}
 
 
+# --------------------------------------------------------------------------- what did not run
+class MissingMetricsError(LitRecoverError, RuntimeError):
+    """Under ``strict``: a metric that was asked for could not run (the results are written first)."""
+
+
+def missing_metrics(results: dict) -> list[tuple[str, dict]]:
+    """Every metric that was asked for and did not run, as ``(name, item)``, in the results' order.
+
+    A skipped or failed section, dataset, task or other item counts; an item marked
+    ``not_applicable`` (the CUDA peak of a CPU run) does not. A :func:`with_deltas` object lists
+    its before and after results, each name prefixed with its label (``pruned: ppl ptb``).
+    """
+    from lit_recover.outputs import read_schema
+
+    if read_schema(results)[0] == DELTAS_SCHEMA:
+        out = []
+        for key in ("before", "after"):
+            part = results.get(key) or {}
+            out.extend((f"{part.get('label') or key}: {name}", leaf) for name, leaf in missing_metrics(part))
+        return out
+    out: list[tuple[str, dict]] = []
+    for path, leaf in iter_rows(results):
+        if leaf.get("status") not in (SKIPPED, FAILED) or leaf.get("not_applicable"):
+            continue
+        if "/" not in path:  # a whole section: name its datasets or tasks, each with its own reason
+            items = [(f"{path}/{box}/{key}", item) for box in sorted(_CONTAINERS)
+                     for key, item in (leaf.get(box) or {}).items()
+                     if isinstance(item, dict) and item.get("status") in (SKIPPED, FAILED)]
+            if items:
+                out.extend(items)
+                continue
+        out.append((path, leaf))
+    return [(short_name(path), leaf) for path, leaf in out]
+
+
+def failure_box(results: dict, path: str | Path | None = None, width: int = 100) -> str | None:
+    """A framed list of the metrics that were asked for and could not run, with their reasons.
+
+    ``None`` when everything ran. Printed at the end of fit and of ``evaluate``, so that a metric
+    lost to an unreachable dataset is seen, not found later as a missing row.
+
+    Args:
+        results: a results object or a :func:`with_deltas` object.
+        path: the file the results were written to, named in the box.
+        width: the box's width in characters.
+    """
+    import textwrap
+
+    missing = missing_metrics(results)
+    if not missing:
+        return None
+    inner = width - 4
+    lines = [f"{len(missing)} metric{'s' if len(missing) > 1 else ''} asked for could not run:"]
+    for name, leaf in missing:
+        lines.extend(textwrap.wrap(f"{name}: {leaf['status']}: {leaf.get('reason') or 'no reason given'}",
+                                   inner, initial_indent="- ", subsequent_indent="  ", break_on_hyphens=False))
+    if path is not None:
+        lines.extend(textwrap.wrap(f"(the reasons are also in {path})", inner, break_on_hyphens=False))
+    rule = "+" + "-" * (width - 2) + "+"
+    return "\n".join([rule, *(f"| {line:<{inner}} |" for line in lines), rule])
+
+
+def raise_if_missing(results: dict, path: str | Path | None = None) -> None:
+    """Raise :class:`MissingMetricsError` naming every metric that was asked for and did not run."""
+    missing = missing_metrics(results)
+    if missing:
+        where = f" (results written to {path})" if path is not None else ""
+        names = ", ".join(f"{name} {leaf['status']}" for name, leaf in missing)
+        raise MissingMetricsError(f"strict evaluation: {len(missing)} metric{'s' if len(missing) > 1 else ''} "
+                                  f"asked for could not run: {names}{where}")
+
+
 # --------------------------------------------------------------------------- compare table
 def _fmt(leaf: dict | None) -> str:
     if leaf is None:

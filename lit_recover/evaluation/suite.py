@@ -50,6 +50,8 @@ class EvalConfig:
         zero_shot_tasks: lm-eval task names.
         zero_shot_data_dir: folder of <task>/<split>.jsonl (e.g. ../shared/data/zeroshot); unset: the hub.
         zero_shot_batch_size: lm-eval batch size.
+        zero_shot_add_bos: encode lm-eval's requests with the tokenizer's special tokens (BOS first for
+            LLaMA); false encodes them without, as LLM-Pruner's lm-eval fork does.
         limit: quick runs only: examples per zero-shot task and chunks per perplexity text (count, or fraction < 1).
         latency_prompt_tokens: prompt length for the latency runs.
         latency_new_tokens: tokens generated per latency run.
@@ -59,6 +61,8 @@ class EvalConfig:
         throughput_seq_len: tokens per sequence for throughput.
         base_model: the unpruned model (HF folder, pickle or hub id) to compare the parameter count with.
         progress: show progress bars.
+        strict: a metric that was asked for and could not run (skipped or failed) is an error: the
+            results are still written, then the command stops with exit status 2.
     """
 
     metrics: list[str] = field(default_factory=lambda: list(ALL_METRICS))
@@ -71,6 +75,7 @@ class EvalConfig:
     zero_shot_tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     zero_shot_data_dir: str | None = None
     zero_shot_batch_size: int = 8
+    zero_shot_add_bos: bool = False
     limit: int | float | None = None
     latency_prompt_tokens: int = 32
     latency_new_tokens: int = 32
@@ -80,6 +85,7 @@ class EvalConfig:
     throughput_seq_len: int = 128
     base_model: str | None = None
     progress: bool = True
+    strict: bool = False
 
     def __post_init__(self) -> None:
         # Settings errors surface at once, not after an hour of evaluation.
@@ -213,7 +219,8 @@ def evaluate_model(model: nn.Module, tokenizer, config: EvalConfig | None = None
             if "zero_shot" in metrics:
                 results["metrics"]["zero_shot"] = _run("zero_shot", lambda: evaluate_zero_shot(
                     model, tokenizer, tasks=config.zero_shot_tasks, data_dir=config.zero_shot_data_dir,
-                    limit=config.limit, batch_size=config.zero_shot_batch_size))
+                    limit=config.limit, batch_size=config.zero_shot_batch_size,
+                    add_bos=config.zero_shot_add_bos))
             if "latency" in metrics:
                 results["metrics"]["latency"] = _run("latency", lambda: evaluate_latency(
                     model, tokenizer, prompt_tokens=config.latency_prompt_tokens,

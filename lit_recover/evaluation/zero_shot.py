@@ -11,7 +11,13 @@ task we write a small YAML into a temporary folder that ``include``s lm-eval's b
 
 Each task is built on its own, so one unreachable dataset skips that task only; the tasks that
 built are then scored together by ``lm_eval.evaluator.evaluate`` on the in-memory model
-(``HFLM(pretrained=model, tokenizer=tokenizer)``).
+(``HFLM(pretrained=model, tokenizer=tokenizer, add_bos_token=add_bos)``).
+
+Requests are encoded without special tokens by default, as LLM-Pruner's lm-eval fork does
+(``tokenizer.encode(text, add_special_tokens=False)``): lm-eval 0.4 leaves ``add_special_tokens``
+to the tokenizer when ``add_bos_token`` is unset, which starts every request of a LLaMA tokenizer
+with BOS. ``add_bos=True`` passes ``add_bos_token=True``, i.e. the tokenizer's own special tokens
+(one BOS for LLaMA tokenizers).
 """
 
 from __future__ import annotations
@@ -193,10 +199,34 @@ def headline_metric(task: str, metrics: dict) -> str | None:
     return next(iter(metrics), None)
 
 
+def task_result(task: str, lm_eval_results: dict, name: str | None = None, info: dict | None = None) -> dict:
+    """One task's entry from ``lm_eval.evaluator.evaluate``'s output: its headline metric, with every metric.
+
+    Args:
+        task: the requested task (``boolq``); its headline metric is LLM-Pruner's (:data:`HEADLINE_METRICS`).
+        lm_eval_results: what ``evaluate`` returned (``results``, ``n-samples``, ``versions``).
+        name: lm-eval's name of the task (``boolq_local``); ``task`` when ``None``.
+        info: where the task's data came from (from :func:`write_task_yaml`).
+    """
+    name = name or task
+    metrics = _metrics(lm_eval_results.get("results", {}).get(name, {}))
+    head = headline_metric(task, metrics)
+    if head not in metrics:
+        return failed(f"lm-eval returned no {head} for {task} (got {sorted(metrics)})")
+    n = lm_eval_results.get("n-samples", {}).get(name, {})
+    return {
+        **metrics[head], "status": OK, "headline_metric": head,
+        "n_examples": n.get("effective"), "n_examples_total": n.get("original"),
+        "lm_eval_task": name, "task_version": lm_eval_results.get("versions", {}).get(name),
+        **{k: v for k, v in (info or {}).items() if k != "lm_eval_task"},
+        "details": metrics,
+    }
+
+
 def evaluate_zero_shot(model: nn.Module, tokenizer, tasks: Sequence[str] = DEFAULT_TASKS,
                        data_dir: str | Path | None = None, limit: int | float | None = None,
                        batch_size: int = 8, num_fewshot: int = 0,
-                       bootstrap_iters: int = 100_000) -> dict:
+                       bootstrap_iters: int = 100_000, add_bos: bool = False) -> dict:
     """The ``zero_shot`` section: lm-eval on the in-memory model, each task ok, skipped or failed.
 
     Args:
@@ -208,6 +238,8 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, tasks: Sequence[str] = DEFAU
         batch_size: lm-eval batch size.
         num_fewshot: shots (0 for LLM-Pruner's tables).
         bootstrap_iters: lm-eval's bootstrap iterations for the stderr of metrics without a closed form.
+        add_bos: encode requests with the tokenizer's special tokens (a LLaMA tokenizer: BOS first);
+            ``False`` (default) encodes them without, as LLM-Pruner's lm-eval fork does.
     """
     t0 = time.perf_counter()
     tasks = list(dict.fromkeys(tasks))
@@ -215,6 +247,7 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, tasks: Sequence[str] = DEFAU
         "tasks": tasks, "num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size,
         "data_dir": None if data_dir is None else str(data_dir), "lm_eval_version": lm_eval_version(),
         "headline_metrics": {t: HEADLINE_METRICS.get(t) for t in tasks},
+        "add_bos": add_bos,
     }, "tasks": {}}
     if data_dir is not None and not Path(data_dir).is_dir():
         out.update(failed(f"{data_dir}: zero_shot_data_dir is not a folder"))
@@ -261,26 +294,14 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, tasks: Sequence[str] = DEFAU
             random.seed(_RANDOM_SEED)
             np.random.seed(_OTHER_SEED)
             torch.manual_seed(_OTHER_SEED)
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            # add_bos_token is lm-eval's add_special_tokens for every request: False as LLM-Pruner's fork.
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=add_bos)
             res = evaluate(lm=lm, task_dict={"tasks": {t.task_name: t for t in built.values()}, "groups": {},
                                              "group_map": {}},
                            limit=limit, bootstrap_iters=bootstrap_iters, log_samples=False)
             del lm
             for task in built:
-                name = names[task]
-                metrics = _metrics(res["results"].get(name, {}))
-                head = headline_metric(task, metrics)
-                if head not in metrics:
-                    out["tasks"][task] = failed(f"lm-eval returned no {head} for {task} (got {sorted(metrics)})")
-                    continue
-                n = res.get("n-samples", {}).get(name, {})
-                out["tasks"][task] = {
-                    **metrics[head], "status": OK, "headline_metric": head,
-                    "n_examples": n.get("effective"), "n_examples_total": n.get("original"),
-                    "lm_eval_task": name, "task_version": res.get("versions", {}).get(name),
-                    **{k: v for k, v in infos[task].items() if k != "lm_eval_task"},
-                    "details": metrics,
-                }
+                out["tasks"][task] = task_result(task, res, names[task], infos[task])
     # Keep the requested order, whatever order tasks finished or failed in.
     out["tasks"] = {t: out["tasks"][t] for t in tasks if t in out["tasks"]}
     ran = {t: r for t, r in out["tasks"].items() if r.get("status") == OK}

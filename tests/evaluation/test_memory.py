@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from lit_recover.demos.tiny import build_tiny_llama
 from lit_recover.evaluation.memory import (
     PeakMemory,
     count_parameters_at,
@@ -14,7 +15,6 @@ from lit_recover.evaluation.memory import (
     model_size_bytes,
     parameter_count,
 )
-from lit_recover.demos.tiny import build_tiny_llama
 
 
 def test_parameter_ratio_to_a_base_model_folder_and_pickle(tiny_model_and_tokenizer, tmp_path):

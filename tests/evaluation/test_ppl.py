@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from lit_recover.evaluation import ppl
 from lit_recover.evaluation.ppl import (
     PPLDataError,
     evaluate_ppl,
@@ -22,10 +24,10 @@ TEXT = "\n\n".join(
 )
 
 
-def reference_ppl(model, tokenizer, text: str, seq_len: int) -> tuple[float, int]:
+def reference_ppl(model, tokenizer, text: str, seq_len: int, max_chunks: int | None = None) -> tuple[float, int]:
     """LLM-Pruner's recipe written out plainly: tokenizer(text), cut, one chunk at a time, float64 NLL."""
     ids = tokenizer(text, return_tensors="pt").input_ids[0]  # the tiny tokenizer adds one BOS, like LLaMA's
-    n = ids.numel() // seq_len
+    n = ids.numel() // seq_len if max_chunks is None else max_chunks
     nll, count = 0.0, 0
     with torch.no_grad():
         for i in range(n):
@@ -86,8 +88,51 @@ def test_local_protocol_files(tiny_model_and_tokenizer):
     ptb = out["datasets"]["ptb"]
     assert out["status"] == "ok" and ptb["status"] == "ok"
     assert ptb["source"].endswith("ptb_validation.txt") and ptb["n_chunks"] == 3
-    assert ptb["n_tokens_scored"] == 3 * 63 and 1 < ptb["value"] < 10 * len(tok)
+    assert ptb["n_tokens_scored"] == 3 * 63
+    # The whole file tokenized the protocol's way, its first three chunks scored in float64.
+    text = (ppl_dir / "ptb_validation.txt").read_text(encoding="utf-8")
+    expected, _ = reference_ppl(model, tok, text, seq_len=64, max_chunks=3)
+    assert ptb["value"] == pytest.approx(expected, rel=1e-4)  # fp32 logits vs float64: ~1e-6 apart
     assert out["settings"]["seq_len"] == 64 and out["settings"]["limit"] == 3
+
+
+PTB_ROWS = ["no it was n't black monday", "but while the new york stock exchange did n't fall apart friday",
+            "the dow jones industrials closed at N", "<unk> & co. said its $ N million offer is ' fair '"]
+
+
+def _ptb_parquet_stand_in(tmp_path, monkeypatch, rows: list[str]) -> str:
+    """Point the PTB hub source at a local parquet file holding ``rows`` as its ``sentence`` column."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "penn_treebank" / "validation"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"sentence": rows}), folder / "0000.parquet")
+    files = str(folder / "*.parquet")
+    monkeypatch.setitem(ppl.PPL_SOURCES, "ptb", dataclasses.replace(ppl.PPL_SOURCES["ptb"], parquet=files))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    return files
+
+
+def test_ptb_from_the_hub_reads_its_parquet_conversion(tiny_model_and_tokenizer, tmp_path, monkeypatch):
+    """The script-free copy: the same rows joined with "\n\n", and the section names where they came from."""
+    files = _ptb_parquet_stand_in(tmp_path, monkeypatch, PTB_ROWS)
+    assert ppl.PPL_SOURCES["ptb"].hub_path == "ptb-text-only/ptb_text_only"  # not the loading script's name
+    text, source = ppl.load_ppl_text("ptb")
+    assert text == "\n\n".join(PTB_ROWS) and source == files
+    model, tok = tiny_model_and_tokenizer
+    out = evaluate_ppl(model, tok, datasets=["ptb"], seq_len=16, limit=1, progress=False)
+    assert out["datasets"]["ptb"]["status"] == "ok" and out["datasets"]["ptb"]["source"] == files
+
+
+def test_ptb_parquet_rows_give_back_the_protocol_string(tmp_path, monkeypatch):
+    """The 3,370 stripped rows of PTB validation, as a parquet file, join to exactly the protocol's string."""
+    joined = (shared_data("ppl") / "ptb_validation.txt").read_text(encoding="utf-8")
+    rows = joined.split("\n\n")
+    assert len(rows) == 3370 and all(r == r.strip() and r for r in rows)  # what ptb_text_only's script yields
+    _ptb_parquet_stand_in(tmp_path, monkeypatch, rows)
+    assert ppl.load_ppl_text("ptb")[0] == joined
 
 
 def test_hub_offline_is_skipped_with_reason(tiny_model_and_tokenizer, monkeypatch):
@@ -122,8 +167,18 @@ def test_bad_files_fail_with_the_file_named(tiny_model_and_tokenizer, tmp_path):
 
 def test_ppl_loss_is_fp32_for_bf16_models(tiny_model_and_tokenizer):
     model, tok = tiny_model_and_tokenizer
-    ref = perplexity(model, tok, TEXT, seq_len=32, progress=False)["value"]
     model.to(torch.bfloat16)
-    got = perplexity(model, tok, TEXT, seq_len=32, progress=False)
-    # bf16 weights change the logits a little; an fp32 loss keeps the result close and finite.
-    assert math.isfinite(got["value"]) and got["value"] == pytest.approx(ref, rel=0.05)
+    got = perplexity(model, tok, TEXT, seq_len=32, batch_size=1, progress=False)
+    # The reference takes the same bf16 logits (the same one-chunk calls) to float64 before the loss.
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for chunk in make_chunks(tokenize_stream(tok, TEXT), 32):
+            logits = model(input_ids=chunk[None], use_cache=False).logits[0, :-1]
+            assert logits.dtype == torch.bfloat16
+            nll -= torch.log_softmax(logits.double(), -1).gather(1, chunk[1:, None]).sum().item()
+            count += chunk.numel() - 1
+    # An fp32 loss is within a few fp32 roundoffs (6e-8 each) of float64 per token, so its mean is well
+    # inside 1e-6. A bf16 loss rounds each token's NLL to 8 significant bits (relative error up to
+    # 2**-9 = 2e-3): even averaged over these 248 tokens that leaves a few 1e-5, far outside 1e-6.
+    assert got["mean_nll"] == pytest.approx(nll / count, rel=1e-6)
+    assert got["value"] == pytest.approx(math.exp(nll / count), rel=1e-6 * nll / count)

@@ -8,14 +8,20 @@ import math
 
 import pytest
 
+from lit_recover.errors import LitRecoverError
 from lit_recover.evaluation.report import (
     DELTAS_SCHEMA,
+    MissingMetricsError,
     ResultsFileError,
     compare_chart,
     compare_table,
+    failed,
+    failure_box,
     iter_rows,
     measurement,
+    missing_metrics,
     new_results,
+    raise_if_missing,
     read_results,
     skipped,
     validate_results,
@@ -41,7 +47,7 @@ def make_results(label: str, ppl: float, acc: float, ptb_skipped: bool = False) 
         "average": measurement(acc, "fraction", higher_is_better=True),
     }
     res["metrics"]["memory"] = {"status": "ok", "parameters": measurement(1000, "count"),
-                                "peak_cuda_allocated": skipped("no CUDA")}
+                                "peak_cuda_allocated": skipped("no CUDA", not_applicable=True)}
     return res
 
 
@@ -128,3 +134,46 @@ def test_read_results_expands_a_deltas_file(tmp_path):
     entries = read_results(path)
     assert [label for label, _ in entries] == ["pruned", "recovered"]
     assert copy.deepcopy(entries[1][1]) == out["after"]
+
+
+def test_nothing_missing_gives_no_box_and_strict_passes():
+    res = make_results("recovered", 15.0, 0.6)  # a CPU run: the CUDA peak is skipped as not applicable
+    assert missing_metrics(res) == [] and failure_box(res) is None
+    raise_if_missing(res)
+
+
+def test_failure_box_lists_what_did_not_run_with_reasons(tmp_path):
+    res = make_results("recovered", 15.0, 0.6, ptb_skipped=True)
+    res["metrics"]["latency"] = failed("RuntimeError: generate() broke")
+    res["metrics"]["memory"]["peak_cuda_allocated"] = skipped("no CUDA")  # not marked: asked for, so counted
+    box = failure_box(res, tmp_path / "r.json", width=60)
+    lines = box.splitlines()
+    assert lines[0] == lines[-1] == "+" + "-" * 58 + "+"
+    assert all(len(line) == 60 and line[0] == line[-1] == "|" for line in lines[1:-1])
+    text = " ".join(line[1:-1].strip() for line in lines[1:-1])
+    assert text.startswith("3 metrics asked for could not run:")
+    assert "- ppl ptb: skipped: offline" in text and "- latency: failed: RuntimeError: generate() broke" in text
+    assert "- memory peak_cuda_allocated: skipped: no CUDA" in text
+    assert f"| (the reasons are also in {tmp_path / 'r.json'})" in failure_box(res, tmp_path / "r.json", width=200)
+    # A reason longer than the box wraps inside it.
+    res["metrics"]["ppl"]["datasets"]["ptb"] = skipped("could not reach the hub " * 10)
+    assert all(len(line) == 60 for line in failure_box(res, width=60).splitlines())
+
+
+def test_a_skipped_section_names_its_items_and_deltas_name_the_side():
+    before, after = make_results("pruned", 20.0, 0.5), make_results("recovered", 15.0, 0.6)
+    after["metrics"]["ppl"] = {"status": "skipped", "reason": "wikitext2: offline; ptb: offline",
+                               "datasets": {"wikitext2": skipped("offline"), "ptb": skipped("offline")}}
+    before["metrics"]["zero_shot"]["tasks"]["boolq"] = failed("boolq.jsonl:3: not valid JSON")
+    names = [name for name, _ in missing_metrics(with_deltas(before, after))]
+    assert names == ["pruned: zero_shot boolq", "recovered: ppl wikitext2", "recovered: ppl ptb"]
+
+
+def test_strict_raises_one_line_naming_each_missing_metric(tmp_path):
+    res = make_results("recovered", 15.0, 0.6, ptb_skipped=True)
+    with pytest.raises(MissingMetricsError) as info:
+        raise_if_missing(res, tmp_path / "r.json")
+    assert isinstance(info.value, LitRecoverError)  # the commands' handler: one line, exit status 2
+    msg = str(info.value)
+    assert "\n" not in msg and "1 metric asked for could not run: ppl ptb skipped" in msg
+    assert msg.endswith(f"(results written to {tmp_path / 'r.json'})")

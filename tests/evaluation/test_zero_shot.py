@@ -14,6 +14,7 @@ from lit_recover.evaluation.zero_shot import (
     ZeroShotDataError,
     check_jsonl,
     evaluate_zero_shot,
+    task_result,
     write_task_yaml,
 )
 from tests.conftest import shared_data
@@ -117,6 +118,77 @@ def test_hub_tasks_offline_are_skipped_and_bad_local_files_fail(tiny_model_and_t
     assert list(out["tasks"]) == ["piqa", "boolq"]
 
 
-def test_default_tasks_and_headlines_match_llm_pruner_tables():
+PIQA_ROWS = [
+    {"goal": "How do you open a jar?", "sol1": "Twist the lid.", "sol2": "Bake the lid.", "label": 0},
+    {"goal": "To keep bread fresh,", "sol1": "leave it in the rain.", "sol2": "wrap it in a bag.", "label": 1},
+    {"goal": "Which tool cuts paper?", "sol1": "Scissors.", "sol2": "A spoon.", "label": 0},
+]
+
+
+def _capture_inputs(model) -> list:
+    """Record the input ids of every forward pass of ``model`` (lm-eval's batches, right-padded)."""
+    seen: list = []
+
+    def hook(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["input_ids"]).clone())
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def test_requests_are_encoded_without_bos_unless_asked(tiny_model_and_tokenizer, tmp_path, no_network):
+    """LLM-Pruner's lm-eval fork encodes with add_special_tokens=False; HFLM's default would add BOS."""
+    from lit_recover.evaluation.suite import EvalConfig, evaluate_model
+
+    model, tok = tiny_model_and_tokenizer
+    assert tok("x").input_ids[0] == tok.bos_token_id  # the tokenizer itself starts with BOS, as LLaMA's does
+    _write_jsonl(tmp_path / "piqa" / "validation.jsonl", PIQA_ROWS)
+    first = tok("Question:", add_special_tokens=False).input_ids[0]  # piqa's prompt starts so
+    seen = _capture_inputs(model)
+    config = dict(metrics=["zero_shot"], zero_shot_tasks=["piqa"], zero_shot_data_dir=str(tmp_path),
+                  zero_shot_batch_size=2, progress=False)
+
+    res = evaluate_model(model, tok, EvalConfig(**config))
+    assert res["metrics"]["zero_shot"]["tasks"]["piqa"]["n_examples"] == len(PIQA_ROWS), res
+    assert res["settings"]["zero_shot_add_bos"] is False
+    assert res["metrics"]["zero_shot"]["settings"]["add_bos"] is False
+    rows = [row for batch in seen for row in batch]
+    assert len(rows) == 2 * len(PIQA_ROWS)  # one row per (question, answer) request
+    assert all(row[0] == first for row in rows) and not any((row == tok.bos_token_id).any() for row in rows)
+
+    seen.clear()
+    res = evaluate_model(model, tok, EvalConfig(**config, zero_shot_add_bos=True))
+    assert res["settings"]["zero_shot_add_bos"] is True
+    assert res["metrics"]["zero_shot"]["settings"]["add_bos"] is True
+    rows = [row for batch in seen for row in batch]
+    assert len(rows) == 2 * len(PIQA_ROWS)
+    assert all(row[0] == tok.bos_token_id and row[1] == first for row in rows)
+
+
+# LLM-Pruner's tables: acc for these, acc_norm for the others.
+TABLE_METRIC = {"boolq": "acc", "piqa": "acc", "winogrande": "acc", "arc_easy": "acc",
+                "hellaswag": "acc_norm", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
+
+
+@pytest.mark.parametrize("task", sorted(TABLE_METRIC))
+def test_headline_is_picked_from_lm_eval_results(task):
+    """lm-eval's output with acc != acc_norm: the task's value is the table's metric, with its stderr."""
+    name = f"{task}_local"
+    res = {"results": {name: {"alias": name, "acc,none": 0.25, "acc_stderr,none": 0.01,
+                              "acc_norm,none": 0.75, "acc_norm_stderr,none": 0.02}},
+           "n-samples": {name: {"original": 40, "effective": 8}}, "versions": {name: 1.0}}
+    entry = task_result(task, res, name, {"source": "x.jsonl"})
+    want = TABLE_METRIC[task]
+    assert entry["status"] == "ok" and entry["headline_metric"] == want
+    assert (entry["value"], entry["stderr"]) == ((0.25, 0.01) if want == "acc" else (0.75, 0.02))
+    assert entry["n_examples"] == 8 and entry["n_examples_total"] == 40 and entry["source"] == "x.jsonl"
+    assert {k: v["value"] for k, v in entry["details"].items()} == {"acc": 0.25, "acc_norm": 0.75}
+    # lm-eval without the table's metric: the task fails with the reason, no other metric stands in.
+    del res["results"][name][f"{want},none"]
+    missing = task_result(task, res, name)
+    assert missing["status"] == "failed" and f"no {want}" in missing["reason"] and "value" not in missing
+
+
+def test_default_tasks_are_llm_pruner_s():
     assert DEFAULT_TASKS == ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-    assert {t for t, m in HEADLINE_METRICS.items() if m == "acc_norm"} == {"hellaswag", "arc_challenge", "openbookqa"}
+    assert set(HEADLINE_METRICS) == set(DEFAULT_TASKS)
