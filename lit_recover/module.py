@@ -29,6 +29,7 @@ from lit_recover.data import IGNORE_INDEX
 from lit_recover.distributed import ShardedModel, gather_merged, gather_trainable, shard_lora_model
 from lit_recover.errors import LitRecoverError
 from lit_recover.lora import use_lean_lora
+from lit_recover.models.flops import LoRATrainingFlops, cached_peak_flops, length_stats, matmul_shapes
 from lit_recover.models.load import load_pruned
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,10 @@ class LoRARecoveryModule(L.LightningModule):
         torch_dtype: dtype of the frozen base weights (``float32``, ``bfloat16``, ``float16``); ``None``
             picks float32 (mixed precision keeps fp32 masters).
         attn_implementation: attention kernel (``sdpa``, ``eager``); ``None`` keeps the model's.
+        peak_flops: the device's peak in FLOP/s that ``train/mfu`` (model FLOPs of the step's tokens /
+            its seconds / peak, per device; ``lit_recover.models.flops``) divides by; ``None``: its
+            matmul rate at the model's projection shapes in the dtype they run in, measured once per
+            process after the first step (a fraction of a second).
         nonfinite_loss: on a NaN/inf training loss, ``stop`` the run with a message naming the step
             and the last good checkpoint, or ``skip`` the micro-batch and count it (``train/skipped_batches``).
     """
@@ -121,6 +126,7 @@ class LoRARecoveryModule(L.LightningModule):
         trust_pickle: bool = False,
         torch_dtype: str | None = None,
         attn_implementation: str | None = None,
+        peak_flops: float | None = None,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
@@ -135,6 +141,9 @@ class LoRARecoveryModule(L.LightningModule):
         self.val_nll = MeanMetric()
         self._step_started: float | None = None
         self._tokens_in_step = 0
+        self._flops_in_step = 0
+        self._flop_model: LoRATrainingFlops | None = None
+        self._peak: float | None = peak_flops
         self.skipped_batches = 0
         self._sharded: ShardedModel | None = None  # set by configure_model under FSDP2
         self._log_parameter_counts()
@@ -238,10 +247,10 @@ class LoRARecoveryModule(L.LightningModule):
         bsz = int((positions == 0).sum()) if positions is not None else batch["input_ids"].shape[0]
         if stage == "train":
             self.log("train/loss", loss, prog_bar=True, batch_size=bsz)
-            mask = batch.get("attention_mask")
-            real = int(mask.sum()) if mask is not None else batch["input_ids"].numel()  # packed: no padding
+            real, squares = length_stats(batch)  # non-pad tokens (a packed row has none) and Σ length²
             self.log("train/padding_fraction", 1.0 - real / batch["input_ids"].numel(), batch_size=bsz)
             self._tokens_in_step += real
+            self._flops_in_step += self.flop_model.step(real, n, squares)["total"]
         else:
             self.val_nll.update(loss.detach(), weight=max(n, 1))
             self.log("val/loss", self.val_nll, prog_bar=True, batch_size=bsz)
@@ -291,6 +300,7 @@ class LoRARecoveryModule(L.LightningModule):
         if self._step_started is None:
             self._step_started = time.perf_counter()
             self._tokens_in_step = 0
+            self._flops_in_step = 0
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -299,7 +309,38 @@ class LoRARecoveryModule(L.LightningModule):
             elapsed = time.perf_counter() - self._step_started
             if elapsed > 0:
                 self.log("train/tokens_per_sec", self._tokens_in_step / elapsed)
+                peak = self.peak_flops_per_s()
+                if peak:
+                    self.log("train/mfu", self._flops_in_step / elapsed / peak)
         self._step_started = None
+
+    @property
+    def flop_model(self) -> LoRATrainingFlops:
+        """The model-FLOP count of this model's training steps, read off its shapes once."""
+        if self._flop_model is None:
+            self._flop_model = LoRATrainingFlops.from_model(
+                self.model, gradient_checkpointing=bool(self.hparams.gradient_checkpointing)
+            )
+        return self._flop_model
+
+    def peak_flops_per_s(self) -> float | None:
+        """What ``train/mfu`` divides by: ``peak_flops``, else this device's matmul rate at the model's
+        projection shapes and a micro-batch's tokens, in the dtype the matmuls run in, measured on the
+        first call (at the end of the first step, outside any timed interval) and cached per process."""
+        if self._peak is None and self._tokens_in_step > 0:
+            k = max(1, int(self.trainer.accumulate_grad_batches)) if self._trainer is not None else 1
+            tokens = -(-max(1, self._tokens_in_step // k) // 64) * 64  # one micro-batch, rounded up to 64s
+            fm = self.flop_model
+            shapes = matmul_shapes(fm.layers, fm.hidden_size, max_layers=3)
+            self._peak = cached_peak_flops(shapes, tokens, self._matmul_dtype(), self.device)
+        return self._peak
+
+    def _matmul_dtype(self) -> torch.dtype:
+        """The dtype the frozen matmuls run in: autocast's under a mixed precision, else the weights'."""
+        precision = str(self.trainer.precision) if self._trainer is not None else ""
+        if precision.endswith("-mixed"):
+            return torch.bfloat16 if precision.startswith("bf16") else torch.float16
+        return self.lm_head.weight.dtype
 
     # --- optimisation ----------------------------------------------------------------------------
     def trainable_parameters(self) -> Iterable[torch.nn.Parameter]:

@@ -257,8 +257,16 @@ def _lora_of(model: nn.Module) -> tuple[int | None, list[str]]:
 
 
 # --- the device's matmul rate -----------------------------------------------------------------------
-def matmul_shapes(layers: Sequence[dict[str, int]], hidden_size: int) -> list[tuple[int, int]]:
-    """The distinct ``(in, out)`` projection shapes of a model, in order of first appearance."""
+def matmul_shapes(layers: Sequence[dict[str, int]], hidden_size: int,
+                  max_layers: int | None = None) -> list[tuple[int, int]]:
+    """The distinct ``(in, out)`` projection shapes of a model, in order of first appearance.
+
+    ``max_layers``: only those of that many layers spread evenly from the first to the last (a pruned
+    model has a shape set per layer; the first and last are usually dense, the middle ones pruned).
+    """
+    if max_layers is not None and len(layers) > max_layers:
+        picks = sorted({round(i * (len(layers) - 1) / max(1, max_layers - 1)) for i in range(max_layers)})
+        layers = [layers[i] for i in picks]
     seen: list[tuple[int, int]] = []
     for shape in layers:
         for io in projection_shapes(shape, hidden_size).values():
