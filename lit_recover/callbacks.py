@@ -4,7 +4,6 @@ merge → save → evaluate of the recovered model."""
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,9 @@ from lit_recover.outputs import (
     TRAINER_STATE,
     RunFolder,
     atomic_dir,
+    fresh_dir,
     replace_dir,
+    staging_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -56,12 +57,12 @@ class RecoveryCheckpoint(ModelCheckpoint):
 
     @override
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        tmp = filepath + ".tmp"
+        # every rank writes into the same staging folder (FSDP2: its shard of the sharded state)
+        tmp = staging_dir(filepath)
         if trainer.is_global_zero:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
+            fresh_dir(tmp)
         trainer.strategy.barrier("checkpoint-tmp")
-        trainer.save_checkpoint(os.path.join(tmp, TRAINER_STATE), self.save_weights_only)
+        trainer.save_checkpoint(str(tmp / TRAINER_STATE), self.save_weights_only)
         module = trainer.lightning_module
         # under FSDP2 the adapter is gathered from every rank's shard first (a collective)
         adapter = module.gather_adapter() if hasattr(module, "gather_adapter") else None

@@ -24,7 +24,7 @@ from typing_extensions import override
 from lit_recover.callbacks import RecoveryCheckpoint, RecoveryOutputs
 from lit_recover.data import AlpacaDataModule
 from lit_recover.module import LoRARecoveryModule
-from lit_recover.outputs import RunFolder, resolve_checkpoint
+from lit_recover.outputs import CONFIG_FILE, RunFolder, resolve_checkpoint, write_text
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,15 @@ class OutputDirConfig(SaveConfigCallback):
     """Save the resolved config as ``<output_dir>/config.yaml`` (rank zero)."""
 
     def __init__(self, parser, config, output_dir: str | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("config_filename", CONFIG_FILE)
         super().__init__(parser, config, save_to_log_dir=False, **kwargs)
         self.output_dir = output_dir
 
     @override
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        out = Path(self.output_dir or trainer.default_root_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, str(out / self.config_filename), skip_none=False, overwrite=True)
+        # one file, written atomically (the resolved config, every value spelled out)
+        path = Path(self.output_dir or trainer.default_root_dir) / self.config_filename
+        write_text(path, self.parser.dump(self.config, skip_unset=False))
 
 
 class RecoveryCLI(LightningCLI):

@@ -48,9 +48,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from lit_recover.demos.demo_data import write_demo_dataset
     from lit_recover.evaluation import EvalConfig, compare_table, evaluate_model, write_results
-    from lit_recover.models.load import load_pruned
-    from lit_recover.pruning.__main__ import prune
     from lit_recover.models.gguf import convert_smollm2
+    from lit_recover.models.load import load_pruned
+    from lit_recover.outputs import ADAPTER_DIR, EVAL_DIR, MERGED_PICKLE, RunFolder, write_text
+    from lit_recover.pruning.__main__ import prune
+    from lit_recover.pruning.report import read_report, report_path
     from main import cli_main
 
     started = time.perf_counter()
@@ -70,10 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"    {len(json.loads(data.read_text()))} training records in {data}; held-out text {held_out}")
 
     _banner(3, total, f"Prune {args.pruning_ratio:.0%} of the parameters ({args.criterion})")
-    pruned = out / f"pruned_{args.criterion}{round(args.pruning_ratio * 100)}" / "pruned_model.bin"
-    report_path = pruned.with_suffix(".json")
-    if pruned.is_file() and report_path.is_file():
-        report = json.loads(report_path.read_text())
+    pruned = out / f"pruned_{args.criterion}{round(args.pruning_ratio * 100)}" / MERGED_PICKLE
+    if pruned.is_file() and report_path(pruned).is_file():
+        report = read_report(report_path(pruned))
         print(f"    reusing {pruned}")
     else:
         report = prune(str(base_dir), str(pruned), pruning_ratio=args.pruning_ratio, criterion=args.criterion,
@@ -119,12 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(recovered)
     cli_main(fit_args)
 
-    results = json.loads((recovered / "evaluation" / "evaluation_results.json").read_text())
+    results = json.loads(RunFolder(recovered).evaluation.read_text())
     table = compare_table([base_results, results["before"], results["after"]], ["base", "pruned", "recovered"])
-    (out / "summary.md").write_text(table + "\n")
+    write_text(out / "summary.md", table + "\n")
     print("\n" + table)
-    print(f"\nDone in {time.perf_counter() - started:.0f} s. Outputs: {recovered} (lora_adapter/, pruned_model.bin, "
-          f"evaluation/), table: {out / 'summary.md'}")
+    print(f"\nDone in {time.perf_counter() - started:.0f} s. Outputs: {recovered} ({ADAPTER_DIR}/, {MERGED_PICKLE}, "
+          f"{EVAL_DIR}/), table: {out / 'summary.md'}")
     return {"base": base_results, **results}
 
 

@@ -33,7 +33,6 @@ import random
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -278,15 +277,9 @@ def _write_text(text: str, path: Path, overwrite: bool) -> None:
             raise FileExistsError(
                 f"{path}: exists with different content; pass overwrite=True (--overwrite) to replace it"
             )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from lit_recover.outputs import write_text  # here, so the interpreter building the records imports no more
+
+    write_text(path, text, overwrite=overwrite)
 
 
 def write_demo_dataset(

@@ -25,14 +25,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from lit_recover.errors import LitRecoverError
+from lit_recover.outputs import atomic_write, finite, read_schema, schema_header, write_json
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +92,7 @@ def new_results(*, label: str | None, settings: dict[str, Any], model: dict[str,
                 environment: dict[str, Any]) -> dict[str, Any]:
     """The top level of a results object, with an empty ``metrics`` to fill."""
     return {
-        "schema": SCHEMA,
-        "schema_version": SCHEMA_VERSION,
+        **schema_header(SCHEMA, SCHEMA_VERSION),
         "label": label,
         "timestamp": timestamp(),
         "model": model,
@@ -108,12 +106,12 @@ def validate_results(results: Any, source: str = "results") -> None:
     """Raise :class:`ResultsFileError` naming the first thing that breaks the schema."""
     if not isinstance(results, dict):
         raise ResultsFileError(f"{source}: expected a JSON object, found {type(results).__name__}")
-    if results.get("schema") != SCHEMA:
-        raise ResultsFileError(f"{source}: not an evaluation results file (schema is {results.get('schema')!r}, "
+    schema, version = read_schema(results)
+    if schema != SCHEMA:
+        raise ResultsFileError(f"{source}: not an evaluation results file (schema is {schema!r}, "
                                f"expected {SCHEMA!r})")
-    if results.get("schema_version") != SCHEMA_VERSION:
-        raise ResultsFileError(f"{source}: schema_version {results.get('schema_version')!r} is not "
-                               f"{SCHEMA_VERSION}")
+    if version != SCHEMA_VERSION:
+        raise ResultsFileError(f"{source}: schema_version {version!r} is not {SCHEMA_VERSION}")
     for key in ("timestamp", "model", "environment", "settings", "metrics"):
         if key not in results:
             raise ResultsFileError(f"{source}: missing top-level key {key!r}")
@@ -129,14 +127,7 @@ def validate_results(results: Any, source: str = "results") -> None:
 # --------------------------------------------------------------------------- writing
 def _finite(obj: Any) -> Any:
     """Replace NaN/inf floats (not valid JSON) by null so that a long evaluation is never lost at writing."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        log.warning("a non-finite number (%s) was written as null", obj)
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+    return finite(obj)
 
 
 def write_results(results: dict, path: str | Path, overwrite: bool = False) -> Path:
@@ -150,36 +141,8 @@ def write_results(results: dict, path: str | Path, overwrite: bool = False) -> P
     Returns:
         The path written.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists; pass overwrite=True (--overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_finite(results), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            # A hard link creates the name only if it is still free, so a file that appeared while
-            # we evaluated is not replaced either.
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(
-                    f"{path}: already exists; pass overwrite=True (--overwrite) to replace it") from None
-            except OSError:  # file systems without hard links
-                if path.exists():
-                    raise FileExistsError(
-                        f"{path}: already exists; pass overwrite=True (--overwrite) to replace it") from None
-                os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    # the one atomic writer: a file that appeared while we evaluated is not replaced either
+    return write_json(path, _finite(results), overwrite=overwrite)
 
 
 def read_results(path: str | Path) -> list[tuple[str | None, dict]]:
@@ -195,7 +158,7 @@ def read_results(path: str | Path) -> list[tuple[str | None, dict]]:
         raise ResultsFileError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ResultsFileError(f"{path}: not valid JSON ({exc})") from exc
-    if isinstance(obj, dict) and obj.get("schema") == DELTAS_SCHEMA:
+    if read_schema(obj)[0] == DELTAS_SCHEMA:
         out = []
         for key in ("before", "after"):
             validate_results(obj.get(key), f"{path} ({key})")
@@ -270,7 +233,7 @@ def with_deltas(before: dict, after: dict) -> dict:
             entry["higher_is_better"] = hib
             entry["improved"] = (a > b) if hib else (a < b)
         deltas[path] = entry
-    return {"schema": DELTAS_SCHEMA, "schema_version": SCHEMA_VERSION, "timestamp": timestamp(),
+    return {**schema_header(DELTAS_SCHEMA, SCHEMA_VERSION), "timestamp": timestamp(),
             "before": before, "after": after, "deltas": deltas}
 
 
@@ -446,7 +409,8 @@ def compare_chart(results: Sequence[dict], labels: Sequence[str], path: str | Pa
         ax.set_ylabel("accuracy" if unit == "fraction" else unit)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix[1:] or "png", dpi=110), overwrite=overwrite)
+    finally:
+        plt.close(fig)
     return path

@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lit_recover.models.checks import PrunedModelError
 from lit_recover.models.anatomy import layer_shapes
+from lit_recover.models.checks import PrunedModelError
 from lit_recover.models.rebuild import ARCHITECTURES, RebuildError, build_causal_lm
+from lit_recover.outputs import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -93,48 +91,21 @@ def save_pruned_folder(model: nn.Module, tokenizer: Any, directory: str | Path, 
     _check_target(directory, overwrite)
     from safetensors.torch import save_file
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
-        save_file(_weights(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        config = json.loads(model.config.to_json_string(use_diff=False))
-        config["architectures"] = [architecture]
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        shapes = {"format": FORMAT, "version": FORMAT_VERSION, "architecture": architecture,
-                  "layers": layer_shapes(model)}
-        (tmp / SHAPES_FILE).write_text(json.dumps(shapes, indent=1) + "\n")
-        tokenizer.save_pretrained(str(tmp))
-        _ordinary_permissions(tmp)
-        _place(tmp, directory, overwrite)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(directory, overwrite=overwrite) as tmp:
+            save_file(_weights(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            config = json.loads(model.config.to_json_string(use_diff=False))
+            config["architectures"] = [architecture]
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            shapes = {"format": FORMAT, "version": FORMAT_VERSION, "architecture": architecture,
+                      "layers": layer_shapes(model)}
+            (tmp / SHAPES_FILE).write_text(json.dumps(shapes, indent=1) + "\n")
+            tokenizer.save_pretrained(str(tmp))
+    except FileExistsError:
+        _check_target(directory, overwrite)  # something appeared while writing: the usual error
+        raise
     log.info("wrote pruned folder %s (%d layers)", directory, len(shapes["layers"]))
     return directory
-
-
-def _ordinary_permissions(folder: Path) -> None:
-    """mkdtemp makes a private (0700) folder; give the result the modes a plain mkdir/open would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        path.chmod(0o666 & ~umask)
-
-
-def _place(tmp: Path, directory: Path, overwrite: bool) -> None:
-    """Rename ``tmp`` to ``directory``; an existing folder is moved aside first and removed last."""
-    _check_target(directory, overwrite)  # again: something may have appeared while writing
-    old = None
-    if directory.is_dir():
-        if any(directory.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
-            os.replace(directory, old / "previous")
-        else:
-            directory.rmdir()
-    os.replace(tmp, directory)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_json(path: Path) -> Any:

@@ -22,13 +22,13 @@ import importlib.metadata
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from lit_recover.errors import LitRecoverError
+from lit_recover.outputs import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -155,23 +155,23 @@ def convert_gguf(
             )
 
     start = time.perf_counter()
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
     # Everything is written inside a hidden temporary folder beside the target and renamed into
     # place at the end, so an interrupted conversion never leaves a half-written model behind.
-    with tempfile.TemporaryDirectory(prefix=f".{output_dir.name}.", dir=output_dir.parent) as tmp:
-        staged = Path(tmp) / "model"
-        model, tokenizer = _load_from_gguf(gguf_path, getattr(torch, dtype))
-        model.save_pretrained(staged)
-        tokenizer.save_pretrained(staged)
-        seconds = time.perf_counter() - start
-        info = {**source, "architecture": type(model).__name__,
-                "parameters": sum(p.numel() for p in model.parameters()), "seconds": round(seconds, 1)}
-        (staged / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        if output_dir.exists():
-            if not overwrite and _finished(output_dir):  # another process finished first
-                return output_dir
-            os.replace(output_dir, Path(tmp) / "previous")
-        os.replace(staged, output_dir)
+    try:
+        with atomic_dir(output_dir, overwrite=overwrite) as staged:
+            model, tokenizer = _load_from_gguf(gguf_path, getattr(torch, dtype))
+            model.save_pretrained(staged)
+            tokenizer.save_pretrained(staged)
+            seconds = time.perf_counter() - start
+            info = {**source, "architecture": type(model).__name__,
+                    "parameters": sum(p.numel() for p in model.parameters()), "seconds": round(seconds, 1)}
+            (staged / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    except FileExistsError:
+        if not overwrite and _finished(output_dir) is not None:
+            return output_dir  # another process finished first
+        raise ConversionError(
+            f"{output_dir}: other files appeared while converting; pass overwrite=True (--overwrite) to replace them"
+        ) from None
     log.info("converted %s to %s in %.1f s", gguf_path.name, output_dir, seconds)
     return output_dir
 

@@ -17,8 +17,6 @@ Accepted inputs:
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import torch
 from torch import nn
 
 from lit_recover.models.checks import PrunedModelError, check_forward, check_structure
+from lit_recover.outputs import torch_save
 
 log = logging.getLogger(__name__)
 
@@ -175,24 +174,9 @@ def load_pruned(
     return model, tokenizer
 
 
-def atomic_save(obj: object, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a kill leaves the old file whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600); give the mode a plain open() would
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+def save_pruned(model: nn.Module, tokenizer, path: str | Path, *, overwrite: bool = True) -> Path:
+    """Save ``{'model', 'tokenizer'}`` exactly as LLM-Pruner does, atomically (``outputs.torch_save``).
 
-
-def save_pruned(model: nn.Module, tokenizer, path: str | Path) -> Path:
-    """Save ``{'model', 'tokenizer'}`` exactly as LLM-Pruner does, atomically."""
-    return atomic_save({"model": model, "tokenizer": tokenizer}, path)
+    ``overwrite=False`` refuses an existing file, also one that appeared while saving.
+    """
+    return torch_save({"model": model, "tokenizer": tokenizer}, path, overwrite=overwrite)

@@ -10,10 +10,7 @@ SmolLM2-135M-Instruct. ``python -m lit_recover.pruning`` is the same command.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +18,9 @@ import torch
 
 from lit_recover.pruning.importance import CalibrationDataError, Criterion, read_calibration_texts
 from lit_recover.pruning.pruner import prune_model
+from lit_recover.pruning.report import build_report, report_path, write_report
 
 log = logging.getLogger(__name__)
-
-
-def report_path(output: str | Path) -> Path:
-    """The JSON report that goes beside a pruned pickle: ``pruned_model.bin`` -> ``pruned_model.json``."""
-    return Path(output).with_suffix(".json")
-
-
-def _write_json_atomic(data: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def prune(
@@ -112,17 +93,13 @@ def prune(
     model.eval()
     check_structure(model, str(out))
     check_forward(model, tokenizer, str(out))
-    report = {
-        "base_model": base_model,
-        "output": str(out),
-        "calibration_data": calibration_data,
-        "device": device,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
-        **report,
-    }
-    save_pruned(model, tokenizer, out)
-    _write_json_atomic(report, out_json)
+    report = build_report(
+        report, base_model=base_model, output=out, calibration_data=calibration_data, device=device,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        versions={"torch": torch.__version__, "transformers": _version("transformers")},
+    )
+    save_pruned(model, tokenizer, out, overwrite=overwrite)
+    write_report(report, out_json, overwrite=overwrite)
     print(f"#Param before: {report['params_before']}, #Param after: {report['params_after']}, "
           f"removed {report['params_removed']} = {100 * report['achieved_ratio']:.4f}% "
           f"(target {100 * pruning_ratio:.2f}%)")
