@@ -28,8 +28,9 @@ def shared_data(rel: str) -> Path:
 def tiny_pruned_path(tmp_path_factory) -> Path:
     """An LLM-Pruner pickle of a tiny GQA LLaMA with unevenly pruned middle layers."""
     from lit_recover.demos.tiny import write_tiny_pruned
+    from lit_recover.outputs import MERGED_PICKLE
 
-    return write_tiny_pruned(tmp_path_factory.mktemp("tiny") / "pruned_model.bin")
+    return write_tiny_pruned(tmp_path_factory.mktemp("tiny") / MERGED_PICKLE)
 
 
 @pytest.fixture()

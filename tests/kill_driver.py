@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import lit_recover.callbacks as callbacks
+from lit_recover.outputs import OLD_SUFFIX, RunFolder
 from main import cli_main
 
 point, step = sys.argv[1], int(sys.argv[2])
@@ -20,12 +21,12 @@ state = {"armed": False}
 
 def replace_dir(tmp, final):
     final, tmp = Path(final), Path(tmp)
-    if final.name == f"checkpoint-{step}":
+    if final == RunFolder(final.parent).checkpoint(step):
         state["armed"] = True
-    if state["armed"] and final.name == callbacks.CHECKPOINT_LAST:
+    if state["armed"] and final == RunFolder(final.parent).last_checkpoint:
         if point == "before-rename":
             os.kill(os.getpid(), signal.SIGKILL)
-        old = final.with_name(final.name + ".old")
+        old = final.with_name(final.name + OLD_SUFFIX)
         original_replace(final, old)
         os.kill(os.getpid(), signal.SIGKILL)  # mid-swap: checkpoint-last is gone, .old holds it
     return original_replace_dir(tmp, final)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-from lit_recover.outputs import resolve_checkpoint
 from lit_recover.cli import ConfigError, RecoveryCLI, default_output_dir, gradient_accumulation
+from lit_recover.outputs import RunFolder
 from main import cli_main
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -100,27 +100,6 @@ def test_missing_checkpoint_is_reported(tiny_pruned_path, alpaca_json, tmp_path,
     assert "no checkpoint to resume from" in capsys.readouterr().err
 
 
-def test_resolve_checkpoint_forms(tmp_path):
-    import os
-
-    for i, step in enumerate((2, 10, 4)):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / "lightning.ckpt").write_bytes(b"x")
-        os.utime(tmp_path / f"checkpoint-{step}" / "lightning.ckpt", ns=(10**9 * i, 10**9 * i))
-    # no checkpoint-last (a kill mid-swap): the newest complete folder
-    assert resolve_checkpoint("last", tmp_path).endswith("checkpoint-4/lightning.ckpt")
-    (tmp_path / "checkpoint-last").mkdir()
-    (tmp_path / "checkpoint-last" / "lightning.ckpt").write_bytes(b"x")
-    os.utime(tmp_path / "checkpoint-last" / "lightning.ckpt", ns=(0, 0))
-    assert resolve_checkpoint("last", tmp_path).endswith("checkpoint-last/lightning.ckpt")
-    assert resolve_checkpoint(tmp_path / "checkpoint-2").endswith("checkpoint-2/lightning.ckpt")
-    assert resolve_checkpoint(tmp_path / "checkpoint-2" / "lightning.ckpt").endswith("checkpoint-2/lightning.ckpt")
-    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
-        resolve_checkpoint(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        resolve_checkpoint(tmp_path / "checkpoint-99")
-
-
 def _fit_args(model, data, out, *extra):
     return ["fit", "--model.pruned_model", str(model), "--data.data_path", str(data), "--output_dir", str(out),
             "--data.batch_size", "4", "--data.micro_batch_size", "2", "--data.cutoff_len", "64",
@@ -137,18 +116,19 @@ def test_fit_writes_all_outputs(tiny_pruned_path, alpaca_json, tmp_path):
     out = tmp_path / "run"
     cli_main(_fit_args(tiny_pruned_path, alpaca_json, out, "--data.val_set_size", "8", "--trainer.max_steps", "4",
                        "--save_steps", "2"))
-    for name in ("config.yaml", "lora_adapter/adapter_config.json", "lora_adapter/adapter_model.safetensors",
-                 "lora_adapter/tokenizer.json", "pruned_model.bin", "checkpoint-2/lightning.ckpt",
-                 "checkpoint-4/adapter_model.safetensors", "checkpoint-last/lightning.ckpt"):
-        assert (out / name).exists(), name
-    saved = yaml.safe_load((out / "config.yaml").read_text())
+    run = RunFolder(out)
+    for path in (run.config, run.adapter / "adapter_config.json", run.adapter / "adapter_model.safetensors",
+                 run.adapter / "tokenizer.json", run.merged_pickle, run.checkpoint(2) / "lightning.ckpt",
+                 run.checkpoint(4) / "adapter_model.safetensors", run.last_checkpoint / "lightning.ckpt"):
+        assert path.exists(), path
+    saved = yaml.safe_load(run.config.read_text())
     assert saved["trainer"]["accumulate_grad_batches"] == 2 and saved["trainer"]["max_steps"] == 4
 
     # the merged pickle loads as the seed shows and generates; it equals base + adapter
-    merged, tok = load_pruned(out / "pruned_model.bin")
+    merged, tok = load_pruned(run.merged_pickle)
     merged.eval()
     base, _ = load_pruned(tiny_pruned_path)
-    peft_model = PeftModel.from_pretrained(base, out / "lora_adapter").eval()
+    peft_model = PeftModel.from_pretrained(base, run.adapter).eval()
     ids = tok(["Add 1 and 2."], return_tensors="pt")
     with torch.no_grad():
         assert (merged(**ids).logits - peft_model(**ids).logits).abs().max() < 1e-4
@@ -156,7 +136,7 @@ def test_fit_writes_all_outputs(tiny_pruned_path, alpaca_json, tmp_path):
     assert gen.shape[1] == ids["input_ids"].shape[1] + 4
 
     # only the adapter is in a step checkpoint
-    ckpt = torch.load(out / "checkpoint-2" / "lightning.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run.checkpoint(2) / "lightning.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
     assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
 
@@ -168,7 +148,7 @@ def test_fit_writes_all_outputs(tiny_pruned_path, alpaca_json, tmp_path):
 def _adapter(out):
     from safetensors.torch import load_file
 
-    return load_file(str(out / "lora_adapter" / "adapter_model.safetensors"))
+    return load_file(str(RunFolder(out).adapter / "adapter_model.safetensors"))
 
 
 @pytest.mark.slow
@@ -221,8 +201,9 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(tiny_pruned_path, alpaca_
                            "--trainer.callbacks.step=3"))
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: loss is nan at optimizer step 3")
-    assert "checkpoint-2" in err  # the last good checkpoint is named
-    assert (out / "checkpoint-2" / "lightning.ckpt").is_file() and not (out / "pruned_model.bin").exists()
+    run = RunFolder(out)
+    assert run.checkpoint(2).name in err  # the last good checkpoint is named
+    assert (run.checkpoint(2) / "lightning.ckpt").is_file() and not run.merged_pickle.exists()
 
 
 @pytest.mark.slow
@@ -249,7 +230,7 @@ def test_fit_evaluates_before_and_after(tiny_pruned_path, alpaca_json, tmp_path)
                      "--before_metrics", "[ppl,memory]")
     args[args.index("--skip_evaluation") + 1] = "false"
     cli_main(args)
-    results = json.loads((out / "evaluation" / "evaluation_results.json").read_text())
+    results = json.loads(RunFolder(out).evaluation.read_text())
     assert results["before"]["label"] == "pruned" and results["after"]["label"] == "recovered"
     assert "memory" in results["before"]["metrics"]  # --before_metrics widened the before-training suite
     delta = results["deltas"]["ppl/texts/held_out"] if "ppl/texts/held_out" in results["deltas"] else next(
@@ -297,14 +278,14 @@ def test_killed_runs_resume_to_the_same_adapter(tiny_pruned_path, alpaca_json, t
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 deadline = time.time() + 600
-                while not (out / "checkpoint-2" / "lightning.ckpt").exists() and proc.poll() is None:
+                while not (RunFolder(out).checkpoint(2) / "lightning.ckpt").exists() and proc.poll() is None:
                     assert time.time() < deadline
                     time.sleep(0.05)
                 proc.send_signal(signal.SIGKILL)
             finally:
                 proc.kill()
                 proc.wait()
-        assert not (out / "lora_adapter").exists()  # really interrupted before the end
+        assert not RunFolder(out).adapter.exists()  # really interrupted before the end
         cli_main(_fit_args(tiny_pruned_path, alpaca_json, out, *common, "--ckpt_path", "last"))
         return _adapter(out)
 

@@ -23,7 +23,6 @@ import pytest
 import torch
 import yaml
 
-from lit_recover.outputs import resolve_checkpoint
 from lit_recover.cli import gradient_accumulation, world_size
 from lit_recover.distributed import (
     FSDP2Strategy,
@@ -31,6 +30,7 @@ from lit_recover.distributed import (
     rank_and_world,
     wait_for_rank_zero,
 )
+from lit_recover.outputs import OLD_SUFFIX, STAGING_SUFFIX, RunFolder, resolve_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN = REPO / "main.py"
@@ -137,7 +137,7 @@ def nan_once(rank: int, batch_idx: int) -> list[str]:
 def load_adapter(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(out / "lora_adapter" / "adapter_model.safetensors")
+    return load_file(RunFolder(out).adapter / "adapter_model.safetensors")
 
 
 def assert_same_adapter(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float = ATOL) -> None:
@@ -248,21 +248,22 @@ def test_fsdp2_strategy_by_name_is_pure_data_parallel():
 
 
 def test_resume_finds_a_sharded_checkpoint_folder(tmp_path):
-    (tmp_path / "checkpoint-2").mkdir()
-    (tmp_path / "checkpoint-2" / "lightning.ckpt").write_bytes(b"x")
+    run = RunFolder(tmp_path)
+    run.checkpoint(2).mkdir()
+    (run.checkpoint(2) / "lightning.ckpt").write_bytes(b"x")
     time.sleep(0.01)
-    shards = tmp_path / "checkpoint-4" / "lightning.ckpt"
+    shards = run.checkpoint(4) / "lightning.ckpt"
     shards.mkdir(parents=True)
     (shards / "meta.pt").write_bytes(b"x")
     assert resolve_checkpoint("last", tmp_path) == str(shards)  # the newest complete one
-    assert resolve_checkpoint(tmp_path / "checkpoint-4") == str(shards)
+    assert resolve_checkpoint(run.checkpoint(4)) == str(shards)
     time.sleep(0.01)
-    unfinished = tmp_path / "checkpoint-6" / "lightning.ckpt"
+    unfinished = run.checkpoint(6) / "lightning.ckpt"
     unfinished.mkdir(parents=True)
     (unfinished / "__0_0.distcp").write_bytes(b"x")  # shards written, metadata not yet
     assert resolve_checkpoint("last", tmp_path) == str(shards)
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
-        resolve_checkpoint(tmp_path / "checkpoint-6")
+        resolve_checkpoint(run.checkpoint(6))
 
 
 # --- multi-process runs -------------------------------------------------------------------------------------
@@ -273,7 +274,8 @@ def test_ddp_two_processes_match_one(tiny_pruned_path, setting, reference, tmp_p
             *fit_args(tiny_pruned_path, setting, out, "--trainer.devices", "2", *recorder(out / "record"))[1:]]
     launch([(argv, clean_env(), REPO)], tmp_path / "logs")
 
-    saved = yaml.safe_load((out / "config.yaml").read_text())
+    run = RunFolder(out)
+    saved = yaml.safe_load(run.config.read_text())
     assert saved["trainer"]["accumulate_grad_batches"] == BATCH // (MICRO * 2)
     # the data: two disjoint shards of equal length that together are the single process's steps
     ranks = recorded(out / "record")
@@ -285,10 +287,10 @@ def test_ddp_two_processes_match_one(tiny_pruned_path, setting, reference, tmp_p
     assert samples_per_step(out / "record") == samples_per_step(reference / "record")
     # the weights
     assert_same_adapter(load_adapter(out), load_adapter(reference))
-    for name in ("pruned_model.bin", "checkpoint-2/lightning.ckpt", "checkpoint-4/adapter_model.safetensors",
-                 "checkpoint-last/lightning.ckpt"):
-        assert (out / name).is_file(), name
-    assert not [p for p in out.iterdir() if p.name.endswith((".tmp", ".old"))]
+    for path in (run.merged_pickle, run.checkpoint(2) / "lightning.ckpt",
+                 run.checkpoint(4) / "adapter_model.safetensors", run.last_checkpoint / "lightning.ckpt"):
+        assert path.is_file(), path
+    assert not [p for p in out.iterdir() if p.name.endswith((STAGING_SUFFIX, OLD_SUFFIX))]
 
 
 @pytest.mark.slow
@@ -310,16 +312,17 @@ def test_two_nodes_on_localhost(tiny_pruned_path, setting, reference, tmp_path):
     launch(jobs, tmp_path / "logs")
 
     out0, out1 = tmp_path / "node0" / "out", tmp_path / "node1" / "out"
-    for name in ("config.yaml", "lora_adapter/adapter_model.safetensors", "pruned_model.bin",
-                 "checkpoint-2/lightning.ckpt", "checkpoint-last/lightning.ckpt"):
-        assert (out0 / name).is_file(), name
+    run0 = RunFolder(out0)
+    for path in (run0.config, run0.adapter / "adapter_model.safetensors", run0.merged_pickle,
+                 run0.checkpoint(2) / "lightning.ckpt", run0.last_checkpoint / "lightning.ckpt"):
+        assert path.is_file(), path
     assert files_under(out1) == []
     # a NaN loss on rank 1 alone: both ranks skipped that micro-batch together (nobody waited in the
     # gradient all-reduce for a backward that never came) and the adapter stayed finite
     for node in (0, 1):
         assert "non-finite loss at step 0 (batch 1): skipped" in (tmp_path / "logs" / f"job{node}.log").read_text()
     assert all(torch.isfinite(t).all() for t in load_adapter(out0).values())
-    saved = yaml.safe_load((out0 / "config.yaml").read_text())
+    saved = yaml.safe_load(run0.config.read_text())
     assert saved["trainer"]["num_nodes"] == 2 and saved["trainer"]["accumulate_grad_batches"] == 2
 
     # the distributed length-grouped sampler: per epoch, disjoint equal shards covering the data;
@@ -364,25 +367,26 @@ def test_fsdp2_two_processes_match_one_and_resume(tiny_pruned_path, setting, ref
     launch([([*base_cmd, *args_a[1:]], clean_env(), REPO)], tmp_path / "logs-a")
 
     # sharded checkpoints: one file per rank beside the metadata, LoRA tensors only
-    shards = run_a / "checkpoint-2" / "lightning.ckpt"
+    folder_a = RunFolder(run_a)
+    shards = folder_a.checkpoint(2) / "lightning.ckpt"
     assert sorted(p.name for p in shards.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
-    assert (run_a / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert (folder_a.checkpoint(2) / "adapter_model.safetensors").is_file()
     adapter = load_adapter(run_a)
     assert_same_adapter(adapter, load_adapter(reference))
 
     # the merged pickle was gathered into plain modules: it loads and equals base + adapter
-    merged, tok = load_pruned(run_a / "pruned_model.bin")
+    merged, tok = load_pruned(folder_a.merged_pickle)
     base, _ = load_pruned(tiny_pruned_path)
     # the evaluation: "before" ran on every rank through the sharded model with the adapter off, "after"
     # on rank 0's gathered model; both equal the same evaluation of the plain models here
-    results = json.loads((run_a / "evaluation" / "evaluation_results.json").read_text())
+    results = json.loads(folder_a.evaluation.read_text())
     here = with_deltas(evaluate_model(base.eval(), tok, evaluation, label="pruned"),
                        evaluate_model(merged.eval(), tok, evaluation, label="recovered"))
     key = next(k for k in here["deltas"] if k.endswith("held_out"))
     for when in ("before", "after"):
         assert results["deltas"][key][when] == pytest.approx(here["deltas"][key][when], rel=1e-4), when
     assert results["deltas"][key]["before"] != pytest.approx(results["deltas"][key]["after"], rel=1e-3)
-    peft_model = PeftModel.from_pretrained(base, run_a / "lora_adapter").eval()
+    peft_model = PeftModel.from_pretrained(base, folder_a.adapter).eval()
     ids = tok(["Record 3: repeat the text."], return_tensors="pt")
     with torch.no_grad():
         assert (merged.eval()(**ids).logits - peft_model(**ids).logits).abs().max() < 1e-4
@@ -392,7 +396,7 @@ def test_fsdp2_two_processes_match_one_and_resume(tiny_pruned_path, setting, ref
     # done), writing full checkpoints now
     run_b = tmp_path / "resumed"
     run_b.mkdir()
-    shutil.copytree(run_a / "checkpoint-3", run_b / "checkpoint-3")
+    shutil.copytree(folder_a.checkpoint(3), RunFolder(run_b).checkpoint(3))
     launch([([*base_cmd, *fit_args(tiny_pruned_path, setting, run_b, "--trainer.devices", "2", "--ckpt_path", "last",
                                    "--trainer.strategy.save_distributed_checkpoint", "false",
                                    *recorder(run_b / "record"))[1:]],
@@ -400,7 +404,7 @@ def test_fsdp2_two_processes_match_one_and_resume(tiny_pruned_path, setting, ref
     # it went on where the checkpoint stopped, with the records the single process had at that step
     assert samples_per_step(run_b / "record") == {3: samples_per_step(reference / "record")[3]}
     assert_same_adapter(load_adapter(run_b), adapter, atol=1e-6)
-    full = run_b / "checkpoint-4" / "lightning.ckpt"
+    full = RunFolder(run_b).checkpoint(4) / "lightning.ckpt"
     assert full.is_file()
     state = torch.load(full, map_location="cpu", weights_only=False)["state_dict"]
     assert state and all("lora_" in k for k in state)
@@ -419,7 +423,7 @@ def test_fsdp2_full_checkpoint_resumes_in_one_process(tiny_pruned_path, setting,
     try:
         run = tmp_path / "full"
         cli_main([*common, *fit_args(tiny_pruned_path, setting, run, "--trainer.devices", "1")[1:]])
-        full = run / "checkpoint-2" / "lightning.ckpt"
+        full = RunFolder(run).checkpoint(2) / "lightning.ckpt"
         assert full.is_file()
         ckpt = torch.load(full, map_location="cpu", weights_only=False)
         assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
@@ -428,7 +432,7 @@ def test_fsdp2_full_checkpoint_resumes_in_one_process(tiny_pruned_path, setting,
 
         resumed = tmp_path / "resumed"
         resumed.mkdir()
-        shutil.copytree(run / "checkpoint-2", resumed / "checkpoint-2")
+        shutil.copytree(RunFolder(run).checkpoint(2), RunFolder(resumed).checkpoint(2))
         cli_main([*common, *fit_args(tiny_pruned_path, setting, resumed, "--trainer.devices", "1",
                                      "--ckpt_path", "last")[1:]])
         assert_same_adapter(load_adapter(resumed), load_adapter(run), atol=1e-6)

@@ -28,7 +28,7 @@ def test_cli_all_metrics_offline_on_the_tiny_pickle(tiny_pruned_path, tmp_path, 
     assert rc == 0
     res = json.loads(out.read_text())
     validate_results(res)
-    assert res["label"] == "pruned_model" and res["model"]["source"] == str(tiny_pruned_path)
+    assert res["label"] == tiny_pruned_path.stem and res["model"]["source"] == str(tiny_pruned_path)
     assert res["settings"]["limit"] == 2 and res["settings"]["metrics"] == ["ppl", "zero_shot", "latency", "memory"]
     m = res["metrics"]
     assert m["ppl"]["status"] == "skipped" and set(m["ppl"]["datasets"]) == {"wikitext2", "ptb"}

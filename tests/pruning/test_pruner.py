@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
 
+from lit_recover.demos.tiny import build_tiny_llama, build_tokenizer
 from lit_recover.models.load import load_pruned
+from lit_recover.outputs import MERGED_PICKLE
 from lit_recover.pruning import count_parameters, default_layer_range, layer_shapes, prune_model
 from lit_recover.pruning.__main__ import main as prune_main
 from lit_recover.pruning.importance import (
@@ -18,7 +21,7 @@ from lit_recover.pruning.importance import (
     mlp_channel_scores,
     read_calibration_texts,
 )
-from lit_recover.demos.tiny import build_tiny_llama, build_tokenizer
+from lit_recover.pruning.report import read_report
 
 HIDDEN = 96
 
@@ -214,12 +217,14 @@ def tiny_hf_dir(tokenizer, tmp_path):
 
 
 def test_cli_writes_pickle_and_report_that_load_back(tiny_hf_dir, tmp_path, capsys):
-    out = tmp_path / "results" / "tiny20" / "pruned_model.bin"
+    out = tmp_path / "results" / "tiny20" / MERGED_PICKLE
     report = prune_main(["--base_model", str(tiny_hf_dir), "--pruning_ratio", "0.2", "--output", str(out),
                          "--criterion", "taylor", "--num_examples", "2", "--calibration_seq_len", "16"])
     assert "#Param before:" in capsys.readouterr().out
     saved = json.loads((out.parent / "pruned_model.json").read_text())
     assert saved == json.loads(json.dumps(report))
+    assert (saved["schema"], saved["schema_version"]) == ("lit-recover/pruning", 1)
+    assert read_report(out.parent / "pruned_model.json") == saved
     assert saved["criterion"] == "taylor" and saved["pruning_ratio"] == 0.2
     model, tok = load_pruned(out)
     assert count_parameters(model) == saved["params_after"]
@@ -229,9 +234,9 @@ def test_cli_writes_pickle_and_report_that_load_back(tiny_hf_dir, tmp_path, caps
 
 
 def test_cli_never_overwrites_silently(tiny_hf_dir, tmp_path):
-    out = tmp_path / "pruned_model.bin"
+    out = tmp_path / MERGED_PICKLE
     out.write_bytes(b"earlier result")
-    with pytest.raises(SystemExit, match=r"pruned_model\.bin: already exists; pass --overwrite true"):
+    with pytest.raises(SystemExit, match=re.escape(f"{MERGED_PICKLE}: already exists; pass --overwrite true")):
         prune_main(["--base_model", str(tiny_hf_dir), "--output", str(out), "--criterion", "l2"])
     assert out.read_bytes() == b"earlier result"
     prune_main(["--base_model", str(tiny_hf_dir), "--output", str(out), "--criterion", "l2", "--overwrite", "true"])
