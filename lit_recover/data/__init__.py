@@ -3,9 +3,9 @@
 records (``records.py``: hub id or local .json/.jsonl, checked one by one)
   → prompt template (``prompts.py``, ``templates/``)
   → tokens and labels, computed once per record and cached on disk (``tokenize.py``)
-  → a train/validation split held out by seed (``sampler.py``)
-  → ``ShardedBatchSampler``: seeded shuffling or length grouping, one disjoint shard per rank,
-    the same number of micro-batches on every rank, resumable mid-epoch (``sampler.py``)
+  → the recipe's train/validation split (``datasets``' ``train_test_split``, seed 42) (``sampler.py``)
+  → ``ShardedBatchSampler``: the Trainer's shuffling or length grouping, one disjoint shard per
+    rank, the same number of micro-batches on every rank, resumable mid-epoch (``sampler.py``)
   → ``PadCollator`` / ``PackCollator`` (``collate.py``)
   → ``AlpacaDataModule`` ties them together (``datamodule.py``).
 """

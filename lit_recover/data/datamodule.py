@@ -13,10 +13,18 @@ from torch.utils.data import DataLoader
 from lit_recover.data.collate import PackCollator, PadCollator, require_packing_support
 from lit_recover.data.prompts import PromptTemplate, TemplateError, load_template
 from lit_recover.data.records import DataError, read_hub, is_local_path, load_records
-from lit_recover.data.sampler import ShardedBatchSampler, split_indices
+from lit_recover.data.sampler import SPLIT_SEED, ShardedBatchSampler, split_indices
 from lit_recover.data.tokenize import TokenizedDataset, tokenize_records
 
 log = logging.getLogger(__name__)
+
+
+def _accumulation(trainer, batch_size: int, micro_batch_size: int, world: int) -> int:
+    """Micro-batches per optimizer step on one rank: the trainer's, else derived from the batch sizes."""
+    accumulate = getattr(trainer, "accumulate_grad_batches", None) if trainer is not None else None
+    if isinstance(accumulate, int) and accumulate >= 1:
+        return accumulate
+    return max(1, batch_size // (micro_batch_size * world))
 
 
 def _rank_and_world(trainer) -> tuple[int, int]:
@@ -33,6 +41,8 @@ class AlpacaDataModule(L.LightningDataModule):
     ``setup()`` reads and checks the records, renders them with the prompt template, tokenizes
     them once (cached on disk), builds the labels and holds out a validation split;
     ``train_dataloader()`` batches with :class:`ShardedBatchSampler` and :class:`PadCollator`.
+    Tokens, labels, the split and the epoch order are those of LLM-Pruner's ``post_training.py``
+    (alpaca-lora's ``finetune.py`` on the Hugging Face Trainer); ``docs/data.md`` lists each rule.
     Batches are ``{"input_ids", "attention_mask", "labels"}`` LongTensors, padded to the longest
     sequence of the micro-batch.
 
@@ -42,20 +52,28 @@ class AlpacaDataModule(L.LightningDataModule):
     Args:
         data_path: a hub dataset id, or a local .json (list of records) / .jsonl file; records are
             ``{"instruction", "input" (optional), "output"}``.
-        val_set_size: records held out for validation, chosen by ``seed``; 0 turns validation off.
+        val_set_size: records held out for validation, as ``datasets``' ``train_test_split(
+            test_size=val_set_size, shuffle=True, seed=split_seed)`` picks them; 0 turns validation off.
         cutoff_len: the maximum number of tokens of prompt + response; longer records are truncated.
         prompt_template_name: ``alpaca``, ``alpaca_short``, ``vigogne``, a name resolved as
             ``./templates/<name>.json``, or the path of a JSON template file.
         train_on_inputs: also train on the prompt tokens; when false their labels are ignored.
-        add_eos_token: append EOS to every sequence that was not truncated.
-        group_by_length: batch records of similar length together (less padding).
+        add_eos_token: the recipe's flag, which only changes how the prompt is measured for the
+            label mask: the prompt is tokenized with an EOS appended (when it is shorter than
+            cutoff_len) and one token is taken off its length. EOS is appended to every
+            prompt + response shorter than cutoff_len either way.
+        group_by_length: batch records of similar length together (less padding), in the order
+            of transformers' ``LengthGroupedSampler`` (megabatches of 50 optimizer steps).
         padding_free: pack each micro-batch into one row without padding (``PackCollator``): the
             same loss, no compute on padding, activation memory in proportion to the real tokens.
             Needs transformers >= 4.53 (block-causal masks from ``position_ids``).
         batch_size: the global batch size (gradient accumulation is derived from it elsewhere).
         micro_batch_size: records per forward pass on one device (the DataLoader batch).
         num_workers: DataLoader worker processes.
-        seed: seed of the validation split and of the per-epoch shuffling.
+        seed: seed of every epoch's order (the Trainer's ``seed``, 42 by default): epoch ``e``
+            draws from a ``torch.Generator`` seeded with ``seed + e``. Independent of
+            ``--seed_everything``.
+        split_seed: seed of the validation split; the recipe fixes it at 42.
         skip_bad_records: skip malformed records (logging how many) instead of stopping.
         cache_dir: where tokenized data (and hub downloads) are cached; default: the Hugging Face
             datasets cache.
@@ -77,6 +95,7 @@ class AlpacaDataModule(L.LightningDataModule):
         micro_batch_size: int = 4,
         num_workers: int = 0,
         seed: int = 42,
+        split_seed: int = SPLIT_SEED,
         skip_bad_records: bool = False,
         cache_dir: str | None = None,
         max_records: int | None = None,
@@ -104,6 +123,7 @@ class AlpacaDataModule(L.LightningDataModule):
         self.micro_batch_size = micro_batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.split_seed = split_seed
         self.skip_bad_records = skip_bad_records
         self.cache_dir = cache_dir
         self.max_records = max_records
@@ -151,8 +171,8 @@ class AlpacaDataModule(L.LightningDataModule):
             raise DataError(
                 f"{self.data_path}: the tokenizer has no pad token; load it with load_pruned() or prepare_tokenizer()"
             )
-        if self.add_eos_token and tok.eos_token_id is None:
-            raise DataError(f"{self.data_path}: add_eos_token is set but the tokenizer has no EOS token")
+        if tok.eos_token_id is None:
+            raise DataError(f"{self.data_path}: the tokenizer has no EOS token to end each response with")
         return tok.pad_token_id, tok.eos_token_id
 
     def _load_template(self) -> PromptTemplate:
@@ -206,10 +226,11 @@ class AlpacaDataModule(L.LightningDataModule):
             bad = record_ids[~prefix_ok].tolist()
             log.warning(
                 "%s: %d record(s) whose prompt tokens are not a prefix of prompt+response tokens (records %s%s); "
-                "only their common prefix is masked",
+                "as in the recipe, the prompt's token count is masked all the same",
                 self.data_path, len(bad), ", ".join(map(str, bad[:5])), ", ..." if len(bad) > 5 else "",
             )
-        train_rows, val_rows = split_indices(n, self.val_set_size, self.seed)
+        # The recipe's split, in its order: the train order is what the epoch's permutation indexes.
+        train_rows, val_rows = split_indices(n, self.val_set_size, self.split_seed)
         usable = n_targets > 0
         # A record with no response token inside cutoff_len trains nothing, and a micro-batch of
         # such records would make the mean loss 0/0.
@@ -249,6 +270,7 @@ class AlpacaDataModule(L.LightningDataModule):
             seed=self.seed,
             rank=rank,
             world_size=world,
+            accumulation=_accumulation(self.trainer, self.batch_size, self.micro_batch_size, world),
         )
 
     def _loader(self, dataset: TokenizedDataset, sampler: ShardedBatchSampler) -> DataLoader:

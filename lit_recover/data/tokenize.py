@@ -1,6 +1,8 @@
 """Tokens and labels, computed once per record and cached on disk (``datasets`` fingerprinting).
 
-Labels are final when they leave this stage: prompt positions (``train_on_inputs=False``) hold
+The rules are those of LLM-Pruner's ``post_training.py`` (alpaca-lora's ``finetune.py``):
+``generate_and_tokenize_prompt`` with its ``tokenize(prompt, add_eos_token=True)``. Labels are
+final when they leave this stage: prompt positions (``train_on_inputs=False``) hold
 ``IGNORE_INDEX``; the collators only add padding. Nothing searches the text for a response marker.
 """
 
@@ -25,20 +27,21 @@ IGNORE_INDEX = -100
 """Label value that the loss skips: prompt tokens (unless ``train_on_inputs``) and padding."""
 
 # Bump when the tokenization below changes, so that old cache files are not reused.
-_CACHE_VERSION = 1
+# 2: EOS after every response shorter than cutoff_len, the prompt length counted as the recipe does.
+_CACHE_VERSION = 2
 
 
 def _encode(tokenizer, texts: list[str], cutoff_len: int) -> list[list[int]]:
     return tokenizer(texts, truncation=True, max_length=cutoff_len, add_special_tokens=True)["input_ids"]
 
 
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def _with_eos(ids: Sequence[int], eos: int, cutoff_len: int) -> list[int]:
+    """The recipe's ``tokenize(..., add_eos_token=True)``: EOS appended when there is room and the
+    ids do not already end in EOS, so a sequence truncated at ``cutoff_len`` gets none."""
+    ids = list(ids)
+    if len(ids) < cutoff_len and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    return ids
 
 
 def tokenize_batch(
@@ -50,44 +53,48 @@ def tokenize_batch(
     train_on_inputs: bool,
     add_eos_token: bool,
 ) -> dict[str, list]:
-    """Tokens and labels for a batch of records (the ``Dataset.map`` function).
+    """Tokens and labels for a batch of records (the ``Dataset.map`` function), as the recipe's
+    ``generate_and_tokenize_prompt`` makes them.
 
     - ``input_ids``: the rendered prompt + output, tokenized with the tokenizer's special tokens
-      (BOS for LLaMA) and truncated to ``cutoff_len``; with ``add_eos_token``, EOS is appended when
-      the result is shorter than ``cutoff_len`` and does not already end in EOS (alpaca-lora), so a
-      truncated sequence never gets an EOS.
-    - ``labels``: a copy of ``input_ids`` where, unless ``train_on_inputs``, the prompt positions
-      are ``IGNORE_INDEX``. The prompt is tokenized alone (same truncation); its ids must be a
-      prefix of the full ids. When a merge across the prompt/response boundary breaks that, only
-      the common prefix is masked (the first differing token carries response text) and
-      ``prompt_is_prefix`` is False so that the caller can count and report the record.
+      (BOS for LLaMA) and truncated to ``cutoff_len``; then EOS is appended when the result is
+      shorter than ``cutoff_len`` and does not already end in EOS. This happens whatever
+      ``add_eos_token`` says, so every response that fits ends in a supervised EOS and a truncated
+      one has none.
+    - ``labels``: a copy of ``input_ids`` where, unless ``train_on_inputs``, the first
+      ``user_prompt_len`` positions are ``IGNORE_INDEX``. ``user_prompt_len`` is the length of the
+      prompt tokenized alone (same truncation); with ``add_eos_token`` the prompt is tokenized with
+      the EOS rule above and one is taken off, which differs only when the prompt alone fills
+      ``cutoff_len``: then its last position stays a label.
+    - ``prompt_is_prefix``: whether the prompt's ids are a prefix of the full ids (a merge across
+      the prompt/response boundary breaks it); the mask is the recipe's either way, the flag lets
+      the caller count and report such records.
     - ``length``: ``len(input_ids)``; ``n_targets``: label positions the loss can use (position 0 is
       never a target after the causal shift); ``record``: the record's index in the source.
     """
     eos = tokenizer.eos_token_id
-    appends_eos = eos is not None and tokenizer("")["input_ids"][-1:] == [eos]
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token to end each response with")
+    appends_eos = tokenizer("")["input_ids"][-1:] == [eos]
     prompts = [template.render(i, x) for i, x in zip(batch["instruction"], batch["input"])]
     fulls = [p + o for p, o in zip(prompts, batch["output"])]
     full_ids = _encode(tokenizer, fulls, cutoff_len)
     prompt_ids = None if train_on_inputs else _encode(tokenizer, prompts, cutoff_len)
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "n_targets": [], "prompt_is_prefix": []}
-    for row, ids in enumerate(full_ids):
-        ids = list(ids)
-        if add_eos_token and len(ids) < cutoff_len and (not ids or ids[-1] != eos):
-            ids.append(eos)
+    for row, full in enumerate(full_ids):
+        ids = _with_eos(full, eos, cutoff_len)
         labels = list(ids)
         prefix_ok = True
         if prompt_ids is not None:
             prompt = list(prompt_ids[row])
-            if appends_eos and prompt and prompt[-1] == eos:
-                # The tokenizer's own EOS is not part of the prompt: the full sequence has it after
-                # the response.
-                prompt.pop()
-            n = len(prompt)
-            if ids[:n] != prompt:
-                prefix_ok = False
-                n = _common_prefix_len(prompt, ids)
+            n = len(_with_eos(prompt, eos, cutoff_len)) - 1 if add_eos_token else len(prompt)
+            # Only when the prompt's tokens outnumber the full sequence's (a merge across the
+            # boundary): the recipe would make more labels than ids.
+            n = min(n, len(ids))
             labels[:n] = [IGNORE_INDEX] * n
+            if appends_eos and prompt and prompt[-1] == eos:
+                prompt.pop()  # the tokenizer's own EOS ends the full sequence, not the prompt
+            prefix_ok = ids[: len(prompt)] == prompt
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["length"].append(len(ids))

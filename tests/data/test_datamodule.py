@@ -91,7 +91,7 @@ def test_prompt_tokens_masked_exactly(tok, tmp_path):
     dm = make_dm(tok, tmp_path)
     prompt = NO_INPUT_PROMPT.format("Say hello.")
     input_ids, labels = item(dm, 1)
-    assert input_ids == ids(tok, prompt + "Hello!")
+    assert input_ids == ids(tok, prompt + "Hello!") + [tok.eos_token_id]
     n_prompt = len(ids(tok, prompt))
     assert labels.count(IGNORE_INDEX) == n_prompt
     assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
@@ -101,7 +101,7 @@ def test_prompt_tokens_masked_exactly(tok, tmp_path):
     r = RECORDS[4]
     prompt = INPUT_PROMPT.format(r["instruction"], r["input"])
     input_ids, labels = item(dm, 4)
-    assert input_ids == ids(tok, prompt + r["output"])
+    assert input_ids == ids(tok, prompt + r["output"]) + [tok.eos_token_id]
     assert labels.count(IGNORE_INDEX) == len(ids(tok, prompt))
 
 
@@ -112,29 +112,49 @@ def test_train_on_inputs_keeps_every_label(tok, tmp_path):
         assert x["labels"] == x["input_ids"]
 
 
-def test_eos_appended_only_when_asked(tok, tmp_path):
-    full = ids(tok, NO_INPUT_PROMPT.format("Say hello.") + "Hello!")
-    with_eos, labels = item(make_dm(tok, tmp_path, add_eos_token=True), 1)
-    assert with_eos == full + [tok.eos_token_id]
+@pytest.mark.parametrize("add_eos_token", [False, True])
+def test_eos_ends_every_response_that_fits(tok, tmp_path, add_eos_token):
+    # The recipe tokenizes prompt + response with tokenize(full_prompt), whose add_eos_token is
+    # True: the flag does not decide the EOS.
+    prompt = NO_INPUT_PROMPT.format("Say hello.")
+    full = ids(tok, prompt + "Hello!")
+    input_ids, labels = item(make_dm(tok, tmp_path, add_eos_token=add_eos_token), 1)
+    assert input_ids == full + [tok.eos_token_id]
     assert labels[-1] == tok.eos_token_id  # the model learns to stop
-    without, _ = item(make_dm(tok, tmp_path), 1)
-    assert without == full and tok.eos_token_id not in without
+    n_prompt = len(ids(tok, prompt))  # the prompt alone, with or without the flag's EOS and -1
+    assert labels == [IGNORE_INDEX] * n_prompt + input_ids[n_prompt:]
 
 
 def test_eos_boundary_at_cutoff(tok, tmp_path):
     full = ids(tok, NO_INPUT_PROMPT.format("Say hello.") + "Hello!")
     n = len(full)
-    at_cutoff, _ = item(make_dm(tok, tmp_path, add_eos_token=True, cutoff_len=n), 1)
+    at_cutoff, _ = item(make_dm(tok, tmp_path, cutoff_len=n), 1)
     assert at_cutoff == full  # len == cutoff_len: no room, no EOS
-    below, _ = item(make_dm(tok, tmp_path, add_eos_token=True, cutoff_len=n + 1), 1)
+    below, _ = item(make_dm(tok, tmp_path, cutoff_len=n + 1), 1)
     assert below == full + [tok.eos_token_id]
+
+
+@pytest.mark.parametrize("add_eos_token", [False, True])
+def test_prompt_that_fills_the_cutoff(tok, tmp_path, add_eos_token):
+    # add_eos_token only matters here: the prompt alone reaches cutoff_len, so the recipe appends
+    # no EOS to it but still takes one token off its length; the last position stays a label.
+    r = RECORDS[21]  # the long story
+    prompt = ids(tok, NO_INPUT_PROMPT.format(r["instruction"]))
+    cutoff = len(prompt) - 3
+    dm = make_dm(tok, tmp_path, cutoff_len=cutoff, add_eos_token=add_eos_token)
+    kept = 21 in dm.train_dataset.record_ids.tolist()
+    assert kept == add_eos_token
+    if add_eos_token:
+        input_ids, labels = item(dm, 21)
+        assert input_ids == prompt[:cutoff]
+        assert labels == [IGNORE_INDEX] * (cutoff - 1) + [prompt[cutoff - 1]]
 
 
 def test_cutoff_truncates_without_eos(tok, tmp_path):
     r = RECORDS[21]  # the long story
     full = ids(tok, NO_INPUT_PROMPT.format(r["instruction"]) + r["output"])
     assert len(full) > 300
-    dm = make_dm(tok, tmp_path, add_eos_token=True, cutoff_len=200)
+    dm = make_dm(tok, tmp_path, cutoff_len=200)
     input_ids, labels = item(dm, 21)
     assert input_ids == full[:200]
     assert input_ids[-1] != tok.eos_token_id
@@ -153,7 +173,7 @@ def test_records_without_response_tokens_are_dropped(tok, tmp_path, caplog):
         assert any(label != IGNORE_INDEX for label in dm.train_dataset[row]["labels"][1:])
 
 
-def test_prompt_not_a_prefix_masks_common_prefix_and_warns(tok, tmp_path, caplog):
+def test_prompt_not_a_prefix_masks_the_prompt_length_and_warns(tok, tmp_path, caplog):
     # The template ends mid-word, so the byte-level BPE merges prompt and response: "Gi" + "ve" -> "Give".
     (tmp_path / "glue.json").write_text(
         json.dumps({"prompt_input": "{instruction} {input}", "prompt_no_input": "{instruction}", "response_split": "~"}),
@@ -164,12 +184,13 @@ def test_prompt_not_a_prefix_masks_common_prefix_and_warns(tok, tmp_path, caplog
                                 {"instruction": "Say hi. ", "output": "Hi"}]), encoding="utf-8")
     with caplog.at_level(logging.WARNING, logger="lit_recover.data"):
         dm = make_dm(tok, tmp_path, data_path=str(data), prompt_template_name=str(tmp_path / "glue.json"))
-    prompt, full = ids(tok, "Gi"), ids(tok, "Give three tips for staying healthy.")
+    prompt, full = ids(tok, "Gi"), ids(tok, "Give three tips for staying healthy.") + [tok.eos_token_id]
     assert full[: len(prompt)] != prompt
-    common = next(i for i, (a, b) in enumerate(zip(prompt, full)) if a != b)
     input_ids, labels = item(dm, 0)
     assert input_ids == full
-    assert labels == [IGNORE_INDEX] * common + full[common:]
+    # As the recipe does: the prompt's token count is masked, though its last token is not the
+    # full sequence's (the merged "Give" carries response text).
+    assert labels == [IGNORE_INDEX] * len(prompt) + full[len(prompt):]
     assert dm.stats["prompt_not_prefix"] == 1
     assert "1 record(s) whose prompt tokens are not a prefix" in caplog.text and "(records 0)" in caplog.text
 
@@ -181,10 +202,10 @@ def val_records(dm):
     return sorted(dm.val_dataset.record_ids.tolist())
 
 
-def test_val_split_deterministic_by_seed(tok, tmp_path):
-    a = make_dm(tok, tmp_path, val_set_size=6, seed=1)
-    b = make_dm(tok, tmp_path, val_set_size=6, seed=1)
-    c = make_dm(tok, tmp_path, val_set_size=6, seed=2)
+def test_val_split_deterministic_by_split_seed(tok, tmp_path):
+    a = make_dm(tok, tmp_path, val_set_size=6, split_seed=1)
+    b = make_dm(tok, tmp_path, val_set_size=6, split_seed=1, seed=5)  # the epoch seed leaves the split alone
+    c = make_dm(tok, tmp_path, val_set_size=6, split_seed=2)
     assert len(val_records(a)) == 6 and a.stats["train"] == 34
     assert val_records(a) == val_records(b)
     assert val_records(a) != val_records(c)
@@ -242,18 +263,23 @@ def test_deterministic_per_epoch_and_different_across_epochs(lengths, group):
 
 
 def test_length_grouping_cuts_padding(lengths):
-    def padded(group):
+    def padded(lengths, group, **kwargs):
         pad = total = 0
         for epoch in range(5):
-            for batches in rank_batches(lengths, group_by_length=group, epoch=epoch):
+            for batches in rank_batches(lengths, group_by_length=group, epoch=epoch, **kwargs):
                 for b in batches:
                     longest = lengths[b].max()
                     total += longest * len(b)
                     pad += longest * len(b) - lengths[b].sum()
         return pad / total
 
-    grouped, random = padded(True), padded(False)
-    assert grouped < 0.5 * random, (grouped, random)
+    # The 40-record fixture: the Trainer's rule keeps at least 4 megabatches, here of 8 records.
+    grouped, random = padded(lengths, True), padded(lengths, False)
+    assert grouped < 0.85 * random, (grouped, random)
+    # A real-sized epoch: megabatches of 50 optimizer steps (4 x 4 records each) sort 800 records.
+    many = np.random.default_rng(0).integers(20, 500, size=3200)
+    grouped, random = padded(many, True, accumulation=4), padded(many, False, accumulation=4)
+    assert grouped < 0.05 * random, (grouped, random)
 
 
 def test_longest_step_comes_first(lengths):
@@ -369,7 +395,7 @@ def test_huge_field_is_truncated(tok, tmp_path):
     path.write_text(json.dumps([{"instruction": "Repeat.", "input": "ab " * 30_000, "output": "ok"}, GOOD]),
                     encoding="utf-8")
     dm = make_dm(tok, tmp_path, data_path=str(path), cutoff_len=64, train_on_inputs=True)
-    assert dm.train_dataset.lengths.tolist() == [64, len(ids(tok, NO_INPUT_PROMPT.format("a") + "b"))]
+    assert dm.train_dataset.lengths.tolist() == [64, len(ids(tok, NO_INPUT_PROMPT.format("a") + "b")) + 1]
 
 
 def test_init_signature_is_the_config_schema():

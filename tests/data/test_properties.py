@@ -67,6 +67,14 @@ def write(directory: Path, recs: list, jsonl: bool) -> str:
     return str(path)
 
 
+def recipe_tokenize(tok, text: str, cutoff_len: int, add_eos: bool) -> list[int]:
+    """alpaca-lora's ``tokenize``: truncate, then EOS when there is room and it is not there yet."""
+    ids = tok(text, truncation=True, max_length=cutoff_len)["input_ids"]
+    if add_eos and len(ids) < cutoff_len and (not ids or ids[-1] != tok.eos_token_id):
+        ids = ids + [tok.eos_token_id]
+    return ids
+
+
 def check_batches(dm: AlpacaDataModule, recs: list, loader) -> int:
     """Check every batch against the source records it came from; returns the number of rows seen."""
     tok, template = dm.tokenizer, load_template(dm.prompt_template_name)
@@ -85,16 +93,15 @@ def check_batches(dm: AlpacaDataModule, recs: list, loader) -> int:
             assert ids[n:].eq(tok.pad_token_id).all() and labels[n:].eq(IGNORE_INDEX).all()
             record = recs[int(dataset.record_ids[index])]
             instruction, inp, output = record["instruction"], record.get("input") or "", record["output"]
-            expected = tok(template.render(instruction, inp, output), truncation=True, max_length=dm.cutoff_len)["input_ids"]
-            if dm.add_eos_token and len(expected) < dm.cutoff_len and expected[-1] != tok.eos_token_id:
-                expected = expected + [tok.eos_token_id]
+            expected = recipe_tokenize(tok, template.render(instruction, inp, output), dm.cutoff_len, add_eos=True)
             assert ids[:n].tolist() == expected
             real = labels[:n].tolist()
             if dm.train_on_inputs:
                 assert real == expected
             else:
-                prompt = tok(template.render(instruction, inp), truncation=True, max_length=dm.cutoff_len)["input_ids"]
-                k = next((i for i, (a, b) in enumerate(zip(prompt, expected)) if a != b), min(len(prompt), n))
+                # The recipe's user_prompt_len: the prompt's length, with the flag's EOS and minus one.
+                prompt = recipe_tokenize(tok, template.render(instruction, inp), dm.cutoff_len, add_eos=dm.add_eos_token)
+                k = min(len(prompt) - (1 if dm.add_eos_token else 0), n)
                 assert real == [IGNORE_INDEX] * k + expected[k:]  # -100 exactly on the prompt positions
             assert any(label != IGNORE_INDEX for label in real[1:])  # every kept record trains something
             rows += 1
