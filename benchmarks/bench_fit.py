@@ -178,7 +178,8 @@ def run_scenario(name: str, arms: list[tuple[str, str, FitSettings]], pairs: int
             r.update({"pair": p, "arm": label, "load_avg_start": load})
             runs.append(r)
             sm = summarize_run(r, skip)
-            print(f"  [{name}] pair {p + 1}/{pairs} {label:9s}: {sm['tokens_per_s']:8.1f} tok/s, "
+            mfu = f", MFU {sm['mfu']:.3f}" if sm.get("mfu") is not None else ""
+            print(f"  [{name}] pair {p + 1}/{pairs} {label:9s}: {sm['tokens_per_s']:8.1f} tok/s{mfu}, "
                   f"{sm['s_per_step']:6.2f} s/step, peak {sm['peak_memory_mb']:7.0f} MiB, "
                   f"pad {sm['padded_fraction']:.3f}, loss {sm['mean_loss']:.4f} ({time.perf_counter() - t0:.0f} s)",
                   flush=True)

@@ -40,6 +40,9 @@ def run_reference_worker(s: FitSettings, workdir: Path) -> dict[str, Any]:
         meter.add_loss(loss, n)
 
     def on_model(model) -> None:
+        # the recipe's matmuls run in its base weights' dtype (fp16 on CUDA: model.half() and fp16 autocast)
+        frozen = next(p.dtype for p in model.parameters() if not p.requires_grad)
+        meter.attach_flops(model, matmul_dtype=str(frozen).removeprefix("torch."))
         model.get_base_model().model.register_forward_pre_hook(meter.forward_pre_hook, with_kwargs=True)
         model.register_forward_hook(loss_hook, with_kwargs=True)
 
@@ -132,6 +135,7 @@ def run_lit_worker(s: FitSettings, workdir: Path) -> dict[str, Any]:
 
     class Meter(L.Callback):
         def on_train_start(self, trainer, pl_module) -> None:
+            meter.attach_flops(pl_module.model, matmul_dtype=str(pl_module._matmul_dtype()).removeprefix("torch."))
             backbone = pl_module.backbone
             backbone.register_forward_pre_hook(meter.forward_pre_hook, with_kwargs=True)
             original = pl_module.supervised_loss
@@ -164,6 +168,25 @@ def run_lit_worker(s: FitSettings, workdir: Path) -> dict[str, Any]:
     return meter.result()
 
 
+def measure_peak(result: dict[str, Any], s: FitSettings) -> dict[str, Any] | None:
+    """The device's matmul rate at the run's model shapes, in the dtype its matmuls ran in, for a
+    micro-batch of the run's mean real tokens: measured in this process after training, what its MFU
+    divides by (``benchmarks.matmul_peak``)."""
+    import torch
+
+    from benchmarks.matmul_peak import measure
+
+    fm, steps = result.get("flop_model"), result.get("steps") or []
+    if not fm or not steps:
+        return None
+    micro_batches = len(steps) * max(1, s.batch_size // s.micro_batch_size)
+    tokens = -(-max(1, sum(x["tokens"] for x in steps) // micro_batches) // 64) * 64
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak = measure(fm["layers"], fm["hidden_size"], tokens, result["matmul_dtype"], device, repeats=5, min_seconds=0.1)
+    print(f"matmul peak {peak['gflops_per_s']:.1f} GFLOP/s ({peak['dtype']}, {device}, {tokens} tokens)", flush=True)
+    return peak
+
+
 def worker_main(side: str, settings_path: Path, out_path: Path) -> None:
     """Entry point of one measured run (a subprocess of the harness)."""
     import torch
@@ -174,6 +197,7 @@ def worker_main(side: str, settings_path: Path, out_path: Path) -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"bench-{side}-") as tmp:
         result = (run_reference_worker if side == "reference" else run_lit_worker)(s, Path(tmp))
+        result["peak"] = measure_peak(result, s)
     result.update({
         "side": side,
         "wall_s": time.perf_counter() - t0,

@@ -2,11 +2,14 @@
 
 Both sides of the training benchmark attach the same :class:`StepMeter` the same way: a forward
 pre-hook on the decoder stack, a step post-hook on the optimizer, and one call per micro-batch with
-its loss and supervised-token count.
+its loss and supervised-token count. Given the model (``attach_flops``), it also counts each step's
+model FLOPs (``lit_recover.models.flops``: real tokens, supervised positions, the sum of squared
+sequence lengths), the same count for both sides.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -48,13 +51,22 @@ class StepMeter:
         self.peak_rss_mb: float | None = None
         self.peak_rss_reset = False
         self.cuda_peak_mb: float | None = None
+        self.flop_model: Any = None
+        self.matmul_dtype: str | None = None
         self._last: float | None = None
         self._last_cpu: float | None = None
         self._reset_window()
 
     def _reset_window(self) -> None:
-        self._tokens = self._positions = self._supervised = 0
+        self._tokens = self._positions = self._supervised = self._squares = 0
         self._nll_sum = 0.0
+
+    def attach_flops(self, model, matmul_dtype: str, **kwargs: Any) -> None:
+        """Count model FLOPs per step for ``model`` (PEFT-wrapped), whose matmuls run in ``matmul_dtype``."""
+        from lit_recover.models.flops import LoRATrainingFlops
+
+        self.flop_model = LoRATrainingFlops.from_model(model, **kwargs)
+        self.matmul_dtype = matmul_dtype
 
     def start(self) -> None:
         import torch
@@ -90,9 +102,14 @@ class StepMeter:
         mask = kwargs.get("attention_mask")
         if ids is None:
             return
-        positions = ids.numel()
-        self._positions += positions
-        self._tokens += int(mask.sum()) if mask is not None and mask.dim() == 2 else positions
+        from lit_recover.models.flops import length_stats
+
+        self._positions += ids.numel()
+        batch = {"input_ids": ids, "attention_mask": mask if mask is not None and mask.dim() == 2 else None,
+                 "position_ids": kwargs.get("position_ids")}
+        tokens, squares = length_stats(batch)  # real tokens (left or right padding, packed rows) and Σ n²
+        self._tokens += tokens
+        self._squares += squares
 
     def add_loss(self, mean_nll: float, supervised: int) -> None:
         """One micro-batch's mean NLL over its ``supervised`` tokens."""
@@ -115,6 +132,8 @@ class StepMeter:
             "positions": self._positions,
             "supervised": self._supervised,
             "loss": self._nll_sum / self._supervised if self._supervised else float("nan"),
+            "flops": (self.flop_model.step(self._tokens, self._supervised, self._squares)["total"]
+                      if self.flop_model is not None else None),
             "rss_mb": rss / 1024 if rss is not None else float("nan"),
         })
         self._last, self._last_cpu = now, cpu
@@ -127,4 +146,6 @@ class StepMeter:
             "peak_rss_mb": self.peak_rss_mb,
             "peak_rss_reset_at_train_start": self.peak_rss_reset,
             "cuda_peak_mb": self.cuda_peak_mb,
+            "flop_model": None if self.flop_model is None else dataclasses.asdict(self.flop_model),
+            "matmul_dtype": self.matmul_dtype,
         }

@@ -23,9 +23,14 @@ def summarize_run(run: dict[str, Any], skip: int = 1) -> dict[str, Any]:
     positions = sum(x["positions"] for x in steps)
     memory = run.get("cuda_peak_mb") or run.get("peak_rss_mb")
     cpu = sum(x.get("cpu_seconds", 0.0) for x in timed)
+    flops = [x.get("flops") for x in timed]
+    flops_per_s = sum(flops) / seconds if seconds > 0 and flops and None not in flops else None
+    peak = (run.get("peak") or {}).get("flops_per_s")
     return {
         "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
         "tokens_per_cpu_s": tokens / cpu if cpu > 0 else None,
+        "model_tflops_per_s": flops_per_s / 1e12 if flops_per_s is not None else None,
+        "mfu": flops_per_s / peak if flops_per_s is not None and peak else None,
         "supervised_tokens_per_s": sum(x["supervised"] for x in timed) / seconds if seconds > 0 else float("nan"),
         "s_per_step": statistics.median(x["seconds"] for x in timed) if timed else float("nan"),
         "peak_memory_mb": memory,
@@ -42,6 +47,10 @@ def summarize_run(run: dict[str, Any], skip: int = 1) -> dict[str, Any]:
 METRICS = {
     "tokens_per_s": ("non-pad tokens/s", "ratio >= 1.3", "non-pad training tokens per second"),
     "tokens_per_cpu_s": ("non-pad tokens/CPU-s", "", "non-pad training tokens per CPU-second of the process"),
+    "model_tflops_per_s": ("TFLOP/s", "", "model FLOPs per second (lit_recover.models.flops, the same count for "
+                           "both sides)"),
+    "mfu": ("fraction", "", "model FLOP utilization: model FLOPs/s over the device's matmul peak at the model's "
+            "shapes in the run's matmul dtype, measured in the run's process after training"),
     "s_per_step": ("s", "", "seconds per optimizer step (median)"),
     "peak_memory_mb": ("MiB", "ratio <= 0.8", "peak memory of the training loop (RSS, or CUDA)"),
     "peak_increment_mb": ("MiB", "", "peak RSS growth over the RSS at train start"),
