@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +22,11 @@ from typing_extensions import override
 
 from lit_recover.callbacks import RecoveryCheckpoint, RecoveryOutputs
 from lit_recover.data import AlpacaDataModule
+from lit_recover.errors import ConfigError, exit_on_user_error
 from lit_recover.module import LoRARecoveryModule
 from lit_recover.outputs import CONFIG_FILE, RunFolder, resolve_checkpoint, write_text
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run, with a one-line reason."""
 
 
 def default_output_dir(pruned_model: str) -> str:
@@ -98,6 +94,7 @@ class RecoveryCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)  # the module's --model.optimizer covers it
         kwargs.setdefault("trainer_defaults", {"max_epochs": 2})
         kwargs.setdefault("save_config_callback", OutputDirConfig)
+        kwargs["parser_kwargs"] = _raising_parsers(kwargs.get("parser_kwargs"))
         super().__init__(LoRARecoveryModule, AlpacaDataModule, args=args, run=run, **kwargs)
 
     @override
@@ -136,6 +133,7 @@ class RecoveryCLI(LightningCLI):
                 cfg.ckpt_path = resolve_checkpoint(cfg.ckpt_path, cfg.get("output_dir"))
             except FileNotFoundError as exc:
                 raise ConfigError(str(exc)) from exc
+        self._check_inputs(cfg)  # seconds, before the seed is set and the model (minutes for a 7B pickle) loads
 
     def _cfg(self) -> Any:
         """The namespace of the running subcommand (or the whole config with ``run=False``)."""
@@ -167,6 +165,21 @@ class RecoveryCLI(LightningCLI):
         if sub == "fit":
             self._check_output_dir(cfg, out)
         trainer.use_distributed_sampler = False  # the data module shards by rank itself
+
+    @staticmethod
+    def _check_inputs(cfg: Any) -> None:
+        """Before any model is loaded: the pruned model (a local path) exists, the data file exists and parses."""
+        from lit_recover.data.records import is_local_path, load_records
+
+        model_path = cfg.model.get("pruned_model")
+        if model_path and _is_local_model_path(model_path) and not Path(model_path).exists():
+            raise ConfigError(f"{model_path}: no such file or folder (--model.pruned_model)")
+        data = cfg.get("data") or {}
+        data_path = data.get("data_path")
+        if data_path and is_local_path(data_path):
+            # every record read and checked now: a bad one is named before the model load, not after
+            load_records(data_path, skip_bad_records=bool(data.get("skip_bad_records")),
+                         max_records=data.get("max_records"))
 
     @staticmethod
     def _logger_config(cfg: Any, out: Path) -> dict[str, Any]:
@@ -230,17 +243,42 @@ class RecoveryCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+_MODEL_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _is_local_model_path(path: str) -> bool:
+    """Whether ``--model.pruned_model`` names a local file or folder rather than a hub id (``org/name``).
+
+    The loader's rule: what exists, a pickle suffix, an absolute or ``.``-relative path; and a path
+    of more than two parts, which no hub id has.
+    """
+    p = Path(path)
+    return (p.exists() or p.suffix in _MODEL_SUFFIXES or p.is_absolute() or path.startswith((".", "~"))
+            or len(p.parts) > 2)
+
+
+def _raising_parsers(parser_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """``parser_kwargs`` with ``exit_on_error=False`` for the main parser and each subcommand's.
+
+    A bad flag or value then raises jsonargparse's ``ArgumentError``, which
+    :func:`lit_recover.errors.exit_on_user_error` prints as one line (exit status 2) instead of the usage text.
+    """
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in (parser_kwargs or {}).items()}
+    out.setdefault("exit_on_error", False)
+    for sub in LightningCLI.subcommands():
+        out.setdefault(sub, {}).setdefault("exit_on_error", False)
+    return out
 
 
 def run_cli(args: Any = None) -> RecoveryCLI | None:
-    """Run the CLI; a user error (bad file, bad record, bad config) ends with one line, no traceback."""
-    from lit_recover.data import DataError
-    from lit_recover.models.checks import PrunedModelError
-    from lit_recover.module import NonFiniteLossError
+    """Run the CLI (``python main.py fit …``, ``lit-recover fit …``); a user or usage error ends with one line.
 
-    try:
-        return RecoveryCLI(args=args)
-    except (ConfigError, DataError, PrunedModelError, NonFiniteLossError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+    ``args`` given (tests, the demo, ``lit-recover``'s own dispatch) replaces ``sys.argv``, as intended:
+    LightningCLI's warning about having both is not shown.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        if args is not None:
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return exit_on_user_error(RecoveryCLI, args=args)

@@ -1,4 +1,4 @@
-"""``python -m lit_recover.prune``: the structural pruner's command line (see ``lit_recover.pruning.__main__``)."""
+"""``python -m lit_recover.prune``: an alias of ``lit-recover prune`` (its function: ``pruning.__main__.prune``)."""
 
 from lit_recover.pruning.__main__ import main, prune
 

@@ -13,12 +13,14 @@ The converted model is cached; the pruned model and the data are reused when pre
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Literal
+
+from lit_recover.errors import ConfigError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -29,23 +31,51 @@ def _banner(step: int, total: int, text: str) -> None:
     print(f"\n[{step}/{total}] {text}", flush=True)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lit_recover.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--output_dir", default="results/demo", help="where everything goes")
-    p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="the recovery config")
-    p.add_argument("--pruning_ratio", type=float, default=0.2)
-    p.add_argument("--criterion", default="taylor", choices=["taylor", "l1", "l2", "random"])
-    p.add_argument("--ppl_data_dir", default=None, help="folder with wikitext2_test.txt and ptb_validation.txt")
-    p.add_argument("--zero_shot_data_dir", default=None, help="folder with <task>/<split>.jsonl")
-    p.add_argument("--limit", type=int, default=None, help="perplexity windows / zero-shot examples per task")
-    p.add_argument("--max_steps", type=int, default=None, help="override the config's optimizer steps")
-    p.add_argument("--data_path", default=None,
-                   help="recover on this Alpaca file instead of the demo data (e.g. ../shared/data/alpaca/...)")
-    return p.parse_args(argv)
+def _check_inputs(config: str, pruning_ratio: float, ppl_data_dir: str | None, zero_shot_data_dir: str | None,
+                  data_path: str | None) -> None:
+    """What can be wrong with the options, found in a moment rather than after the conversion and the pruning."""
+    if not Path(config).is_file():
+        raise ConfigError(f"{config}: no such file (--config, the recovery config)")
+    if not 0.0 <= pruning_ratio < 1.0:
+        raise ConfigError(f"--pruning_ratio must be in [0, 1), got {pruning_ratio}")
+    for flag, folder in (("--ppl_data_dir", ppl_data_dir), ("--zero_shot_data_dir", zero_shot_data_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise ConfigError(f"{folder}: no such folder ({flag})")
+    if data_path is not None:
+        from lit_recover.data.records import is_local_path
+
+        if is_local_path(data_path) and not Path(data_path).is_file():
+            raise ConfigError(f"{data_path}: no such file (--data_path)")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def demo(
+    output_dir: str = "results/demo",
+    config: str = str(REPO / "configs" / "demo.yaml"),
+    pruning_ratio: float = 0.2,
+    criterion: Literal["taylor", "l1", "l2", "random"] = "taylor",
+    ppl_data_dir: str | None = None,
+    zero_shot_data_dir: str | None = None,
+    limit: int | None = None,
+    max_steps: int | None = None,
+    data_path: str | None = None,
+) -> dict:
+    """Prune a real small model, recover it with LoRA and measure base / pruned / recovered, offline.
+
+    Args:
+        output_dir: where everything goes.
+        config: the recovery config.
+        pruning_ratio: fraction of all parameters to remove.
+        criterion: importance criterion of the pruner.
+        ppl_data_dir: folder with wikitext2_test.txt and ptb_validation.txt (adds WikiText-2 and PTB).
+        zero_shot_data_dir: folder with <task>/<split>.jsonl (adds the zero-shot tasks).
+        limit: perplexity windows / zero-shot examples per task.
+        max_steps: override the config's optimizer steps.
+        data_path: recover on this Alpaca file instead of the demo data (e.g. ../shared/data/alpaca/...).
+
+    Returns:
+        ``{"base", "before", "after", "deltas"}``: the three results and the deltas of recovery.
+    """
+    from lit_recover.cli import run_cli
     from lit_recover.demos.demo_data import write_demo_dataset
     from lit_recover.evaluation import EvalConfig, compare_table, evaluate_model, write_results
     from lit_recover.models.gguf import convert_smollm2
@@ -53,10 +83,10 @@ def main(argv: list[str] | None = None) -> dict:
     from lit_recover.outputs import ADAPTER_DIR, EVAL_DIR, MERGED_PICKLE, RunFolder, write_text
     from lit_recover.pruning.__main__ import prune
     from lit_recover.pruning.report import read_report, report_path
-    from main import cli_main
 
+    _check_inputs(config, pruning_ratio, ppl_data_dir, zero_shot_data_dir, data_path)
     started = time.perf_counter()
-    out = Path(args.output_dir)
+    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     total = 5
 
@@ -71,28 +101,27 @@ def main(argv: list[str] | None = None) -> dict:
         write_demo_dataset(data, val_texts_path=held_out, overwrite=True)
     print(f"    {len(json.loads(data.read_text()))} training records in {data}; held-out text {held_out}")
 
-    _banner(3, total, f"Prune {args.pruning_ratio:.0%} of the parameters ({args.criterion})")
-    pruned = out / f"pruned_{args.criterion}{round(args.pruning_ratio * 100)}" / MERGED_PICKLE
+    _banner(3, total, f"Prune {pruning_ratio:.0%} of the parameters ({criterion})")
+    pruned = out / f"pruned_{criterion}{round(pruning_ratio * 100)}" / MERGED_PICKLE
     if pruned.is_file() and report_path(pruned).is_file():
         report = read_report(report_path(pruned))
         print(f"    reusing {pruned}")
     else:
-        report = prune(str(base_dir), str(pruned), pruning_ratio=args.pruning_ratio, criterion=args.criterion,
+        report = prune(str(base_dir), str(pruned), pruning_ratio=pruning_ratio, criterion=criterion,
                        overwrite=True)
     print(f"    parameters {report['params_before']:,} → {report['params_after']:,} "
           f"(removed {report['achieved_ratio']:.2%})")
 
     ppl_texts = {"demo_held_out": str(held_out)}
-    metrics = ["ppl", "latency", "memory"] + (["zero_shot"] if args.zero_shot_data_dir else [])
-    ppl_datasets = ["wikitext2", "ptb"] if args.ppl_data_dir else []
-    limit = args.limit
+    metrics = ["ppl", "latency", "memory"] + (["zero_shot"] if zero_shot_data_dir else [])
+    ppl_datasets = ["wikitext2", "ptb"] if ppl_data_dir else []
 
     _banner(4, total, "Measure the dense base model")
     base_json = out / "evaluation_base.json"
-    base_cfg = EvalConfig(metrics=["ppl"], ppl_datasets=ppl_datasets, ppl_data_dir=args.ppl_data_dir,
+    base_cfg = EvalConfig(metrics=["ppl"], ppl_datasets=ppl_datasets, ppl_data_dir=ppl_data_dir,
                           ppl_texts=ppl_texts, limit=limit or 24,
-                          zero_shot_data_dir=args.zero_shot_data_dir)
-    if args.zero_shot_data_dir:
+                          zero_shot_data_dir=zero_shot_data_dir)
+    if zero_shot_data_dir:
         base_cfg.metrics.append("zero_shot")
     model, tokenizer = load_pruned(base_dir)
     base_results = evaluate_model(model.eval(), tokenizer, base_cfg, label="base", source=str(base_dir))
@@ -101,24 +130,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     _banner(5, total, "LoRA recovery (configs/demo.yaml), merge, measure before and after")
     recovered = out / "recovered"
-    train_data = args.data_path or str(data)
-    fit_args = ["fit", "--config", args.config, "--model.pruned_model", str(pruned),
+    train_data = data_path or str(data)
+    fit_args = ["fit", "--config", config, "--model.pruned_model", str(pruned),
                 "--data.data_path", train_data, "--output_dir", str(recovered), "--overwrite", "true",
                 "--evaluation.metrics", json.dumps(metrics), "--evaluation.ppl_datasets", json.dumps(ppl_datasets),
                 "--evaluation.ppl_texts", json.dumps(ppl_texts),
-                "--before_metrics", json.dumps(["ppl"] + (["zero_shot"] if args.zero_shot_data_dir else []))]
-    if args.ppl_data_dir:
-        fit_args += ["--evaluation.ppl_data_dir", args.ppl_data_dir]
-    if args.zero_shot_data_dir:
-        fit_args += ["--evaluation.zero_shot_data_dir", args.zero_shot_data_dir]
+                "--before_metrics", json.dumps(["ppl"] + (["zero_shot"] if zero_shot_data_dir else []))]
+    if ppl_data_dir:
+        fit_args += ["--evaluation.ppl_data_dir", ppl_data_dir]
+    if zero_shot_data_dir:
+        fit_args += ["--evaluation.zero_shot_data_dir", zero_shot_data_dir]
     if limit is not None:
         fit_args += ["--evaluation.limit", str(limit)]
-    if args.max_steps is not None:
-        fit_args += ["--trainer.max_steps", str(args.max_steps)]
+    if max_steps is not None:
+        fit_args += ["--trainer.max_steps", str(max_steps)]
     if recovered.exists():
         print(f"    replacing the previous demo run in {recovered}")
         shutil.rmtree(recovered)
-    cli_main(fit_args)
+    run_cli(fit_args)
 
     results = json.loads(RunFolder(recovered).evaluation.read_text())
     table = compare_table([base_results, results["before"], results["after"]], ["base", "pruned", "recovered"])
@@ -127,6 +156,20 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nDone in {time.perf_counter() - started:.0f} s. Outputs: {recovered} ({ADAPTER_DIR}/, {MERGED_PICKLE}, "
           f"{EVAL_DIR}/), table: {out / 'summary.md'}")
     return {"base": base_results, **results}
+
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m lit_recover.demo") -> dict:
+    """``lit-recover demo [--ppl_data_dir …] …``: parse ``argv`` and run :func:`demo`."""
+    from jsonargparse import auto_parser
+
+    def run() -> dict:
+        # not jsonargparse.CLI: it drops a parameter named config, and --config here is the recovery config
+        parser = auto_parser(demo, as_positional=False, prog=prog, exit_on_error=False)
+        return demo(**parser.parse_args(argv).as_dict())
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return exit_on_user_error(run)
 
 
 if __name__ == "__main__":

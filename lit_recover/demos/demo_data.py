@@ -22,7 +22,6 @@ Command line: ``python -m lit_recover.demos.demo_data --output results/demo/demo
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib
 import inspect
@@ -201,7 +200,9 @@ def build_demo_records(n: int | None = None) -> list[dict[str, str]]:
     records = [dict(r) for r in _all_records()]
     if n is not None:
         if n > len(records):
-            raise ValueError(f"asked for {n} demo records, only {len(records)} can be built")
+            from lit_recover.errors import ConfigError
+
+            raise ConfigError(f"asked for {n} demo records, only {len(records)} can be built")
         records = records[:n]
     return records
 
@@ -274,8 +275,10 @@ def _write_text(text: str, path: Path, overwrite: bool) -> None:
         if path.read_text(encoding="utf-8") == text:
             return  # the same deterministic content: nothing to do
         if not overwrite:
-            raise FileExistsError(
-                f"{path}: exists with different content; pass overwrite=True (--overwrite) to replace it"
+            from lit_recover.errors import OutputExistsError
+
+            raise OutputExistsError(
+                f"{path}: exists with different content; pass overwrite=True (--overwrite true) to replace it"
             )
     from lit_recover.outputs import write_text  # here, so the interpreter building the records imports no more
 
@@ -309,24 +312,37 @@ def write_demo_dataset(
     return path
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """``python -m lit_recover.demos.demo_data --output FILE [--n N] [--eval_text FILE] [--overwrite]``."""
-    parser = argparse.ArgumentParser(prog="python -m lit_recover.demos.demo_data",
-                                     description="Write the offline demo instruction data set (stdlib docstrings).")
-    parser.add_argument("--output", default="results/demo/demo_alpaca.json", help="Alpaca JSON file to write")
-    parser.add_argument("--n", type=int, default=None, help="number of records (default: all)")
-    parser.add_argument("--eval_text", default=None,
-                        help="held-out text for perplexity (default: demo_eval.txt beside --output; 'none' to skip)")
-    parser.add_argument("--overwrite", action="store_true", help="replace files with different content")
-    args = parser.parse_args(argv)
+def demo_data(
+    output: str = "results/demo/demo_alpaca.json",
+    n: int | None = None,
+    eval_text: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the offline demo instruction data set (standard-library docstrings as Alpaca records).
+
+    Args:
+        output: Alpaca JSON file to write.
+        n: number of records (default: all).
+        eval_text: held-out text for perplexity (default: demo_eval.txt beside --output; 'none' to skip).
+        overwrite: replace files with different content.
+
+    Returns:
+        The JSON file written.
+    """
+    text_path: str | Path | None = eval_text or Path(output).with_name("demo_eval.txt")
+    if str(text_path).lower() == "none":
+        text_path = None
+    return write_demo_dataset(output, n=n, val_texts_path=text_path, overwrite=overwrite)
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m lit_recover.demos.demo_data") -> Path:
+    """``python -m lit_recover.demos.demo_data --output FILE [--n N] [--eval_text FILE] [--overwrite true]``."""
+    from jsonargparse import CLI
+
+    from lit_recover.errors import exit_on_user_error
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    eval_text = args.eval_text or Path(args.output).with_name("demo_eval.txt")
-    if str(eval_text).lower() == "none":
-        eval_text = None
-    try:
-        path = write_demo_dataset(args.output, n=args.n, val_texts_path=eval_text, overwrite=args.overwrite)
-    except (FileExistsError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    path = exit_on_user_error(CLI, demo_data, args=argv, as_positional=False, prog=prog, exit_on_error=False)
     print(path)
     return path
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from lit_recover.evaluate import main
+from lit_recover.evaluation.command import main
 
 if __name__ == "__main__":
     sys.exit(main())

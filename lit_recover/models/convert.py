@@ -1,12 +1,13 @@
 """Convert between the pruned pickle and the pickle-free pruned folder.
 
-    python -m lit_recover.convert pruned_model.bin pruned_folder/          # pickle -> folder
-    python -m lit_recover.convert pruned_folder/ pruned_model.bin          # folder -> pickle
-    python -m lit_recover.convert old.bin new_folder/ --overwrite true
+    lit-recover convert pruned_model.bin pruned_folder/          # pickle -> folder
+    lit-recover convert pruned_folder/ pruned_model.bin          # folder -> pickle
+    lit-recover convert old.bin new_folder/ --overwrite true
 
 The pickle is read safely (nothing in it runs) unless ``--trust_pickle true``. The pickle written for
 tools that expect one holds classes of the installed transformers, exactly as ``save_pruned`` does.
-An existing target is never replaced without ``--overwrite true``.
+An existing target is never replaced without ``--overwrite true``. ``python -m lit_recover.convert`` is
+the same command.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Literal
 
+from lit_recover.errors import exit_on_user_error
 from lit_recover.models.checks import PrunedModelError, check_forward, check_structure
 from lit_recover.models.load import read_model, save_pruned
 
@@ -62,15 +64,12 @@ def convert(
     return out
 
 
-def main(args: list[str] | None = None) -> Path:
-    """Command-line entry: ``python -m lit_recover.convert SOURCE TARGET [--to ...] [--overwrite true]``."""
+def main(argv: list[str] | None = None, prog: str = "python -m lit_recover.convert") -> Path:
+    """``lit-recover convert SOURCE TARGET [--to ...] [--overwrite true]``: parse ``argv``, convert, print the path."""
     from jsonargparse import CLI
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        out = CLI(convert, args=args, as_positional=True)
-    except PrunedModelError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    out = exit_on_user_error(CLI, convert, args=argv, as_positional=True, prog=prog, exit_on_error=False)
     print(out)
     return out
 

@@ -1,11 +1,12 @@
 """The pruner's command line.
 
-``python -m lit_recover.prune --base_model DIR_OR_PICKLE --pruning_ratio 0.2 --output results/NAME/pruned_model.bin``
+``lit-recover prune --base_model DIR_OR_PICKLE --pruning_ratio 0.2 --output results/NAME/pruned_model.bin``
 
 Writes the LLM-Pruner pickle ``{'model', 'tokenizer'}`` and, beside it, ``<output stem>.json``
 (``pruned_model.json``): the settings, the parameter counts before and after, the achieved ratio and
 the kept shapes per layer. ``--base_model smollm2`` converts (once) and prunes the packaged
-SmolLM2-135M-Instruct. ``python -m lit_recover.pruning`` is the same command.
+SmolLM2-135M-Instruct. ``python -m lit_recover.prune`` and ``python -m lit_recover.pruning`` are the
+same command.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 
 import torch
 
-from lit_recover.pruning.importance import CalibrationDataError, Criterion, read_calibration_texts
+from lit_recover.errors import OutputExistsError, exit_on_user_error
+from lit_recover.pruning.importance import Criterion, read_calibration_texts
 from lit_recover.pruning.pruner import prune_model
 from lit_recover.pruning.report import build_report, report_path, write_report
 
@@ -72,7 +74,7 @@ def prune(
     if not overwrite:
         for path in (out, out_json):
             if path.exists():
-                raise FileExistsError(f"{path}: already exists; pass --overwrite true to replace it")
+                raise OutputExistsError(f"{path}: already exists; pass --overwrite true to replace it")
     texts = read_calibration_texts(calibration_data) if calibration_data else None
     source = base_model
     if base_model == "smollm2":
@@ -116,18 +118,12 @@ def _version(package: str) -> str | None:
         return None
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse ``argv`` (``--base_model``, ``--pruning_ratio``, ``--output`` …) and run ``prune``."""
+def main(argv: list[str] | None = None, prog: str = "python -m lit_recover.prune") -> dict[str, Any]:
+    """``lit-recover prune --base_model … --pruning_ratio … --output …``: parse ``argv`` and run :func:`prune`."""
     from jsonargparse import CLI
 
-    from lit_recover.models.checks import PrunedModelError
-    from lit_recover.models.gguf import ConversionError
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return CLI(prune, args=argv, as_positional=False, prog="python -m lit_recover.prune")
-    except (ValueError, FileExistsError, CalibrationDataError, PrunedModelError, ConversionError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    return exit_on_user_error(CLI, prune, args=argv, as_positional=False, prog=prog, exit_on_error=False)
 
 
 if __name__ == "__main__":

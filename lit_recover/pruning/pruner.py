@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_recover.errors import ConfigError
+from lit_recover.models.anatomy import attention_head_counts, decoder_layers, layer_shapes
 from lit_recover.pruning.importance import (
     BUILTIN_CALIBRATION_TEXTS,
     CRITERIA,
@@ -40,7 +42,6 @@ from lit_recover.pruning.importance import (
     calibration_batches,
     mlp_channel_scores,
 )
-from lit_recover.models.anatomy import attention_head_counts, decoder_layers, layer_shapes
 from lit_recover.pruning.structure import prune_attention_groups, prune_mlp_channels
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def plan_removal(
     most = sum((kv[i] - 1) * a[i] for i in kv) + sum((width[i] - 1) * m[i] for i in width)
     if target > most:
         total = count_parameters(model)
-        raise ValueError(
+        raise ConfigError(
             f"pruning_ratio {pruning_ratio} asks to remove {target} parameters, but layers "
             f"{_span(attention_layers)} (attention) and {_span(mlp_layers)} (MLP) can give at most {most} "
             f"({most / total:.4f} of {total}) while keeping one KV group and one channel each; "
@@ -159,7 +160,7 @@ def _resolve_range(start: int | None, end: int | None, num_layers: int, name: st
     start = d_start if start is None else start
     end = d_end if end is None else end
     if not 0 <= start <= end <= num_layers:
-        raise ValueError(f"block_{name}_layer_start/end {start}/{end} must satisfy 0 <= start <= end <= {num_layers}")
+        raise ConfigError(f"block_{name}_layer_start/end {start}/{end} must satisfy 0 <= start <= end <= {num_layers}")
     return start, end
 
 
@@ -200,9 +201,9 @@ def prune_model(
         the kept KV groups and channel counts per layer and ``layer_shapes``.
     """
     if not 0.0 <= pruning_ratio < 1.0:
-        raise ValueError(f"pruning_ratio must be in [0, 1), got {pruning_ratio}")
+        raise ConfigError(f"pruning_ratio must be in [0, 1), got {pruning_ratio}")
     if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+        raise ConfigError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     started = time.perf_counter()
     layers = decoder_layers(model)
     attn_range = _resolve_range(block_attention_layer_start, block_attention_layer_end, len(layers), "attention")

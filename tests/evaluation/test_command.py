@@ -1,4 +1,4 @@
-"""python -m lit_recover.evaluate: end to end on the tiny pickle, refusals, and --compare."""
+"""python -m lit_recover.evaluate (= lit-recover evaluate, compare): end to end on the tiny pickle, refusals."""
 
 from __future__ import annotations
 
@@ -16,7 +16,15 @@ from tests.evaluation.test_report import make_results
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["--latency_prompt_tokens", "8", "--latency_new_tokens", "4", "--latency_runs", "2",
-        "--throughput_seq_len", "16", "--no-progress", "--quiet"]
+        "--throughput_seq_len", "16", "--progress", "false", "--quiet", "true"]
+
+
+def status(argv: list[str]) -> int:
+    """The exit status of the command: its return value, or the code of the SystemExit it raised."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
 
 
 def test_cli_all_metrics_offline_on_the_tiny_pickle(tiny_pruned_path, tmp_path, capsys, monkeypatch):
@@ -40,7 +48,7 @@ def test_cli_all_metrics_offline_on_the_tiny_pickle(tiny_pruned_path, tmp_path, 
 
     # A second run must not replace the file; it stops before loading the model.
     before = out.read_bytes()
-    assert main(["--model_path", "does/not/matter.bin", "--output", str(out), "--quiet"]) == 2
+    assert status(["--model_path", "does/not/matter.bin", "--output", str(out), "--quiet", "true"]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == before
 
@@ -70,29 +78,30 @@ def test_cli_on_a_hugging_face_folder(tiny_pruned_path, tmp_path, capsys):
     dense.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     out = tmp_path / "base.json"
-    assert main(["--model_path", str(tmp_path / "base"), "--metrics", "memory", "--output", str(out), "--quiet"]) == 0
+    assert main(["--model_path", str(tmp_path / "base"), "--metrics", "memory", "--output", str(out),
+                 "--quiet", "true"]) == 0
     res = json.loads(out.read_text())
     assert res["label"] == "base" and list(res["metrics"]) == ["memory"]
     assert res["metrics"]["memory"]["parameters"]["value"] == sum(p.numel() for p in dense.parameters())
     out = tmp_path / "pruned.json"
     assert main(["--model_path", str(tiny_pruned_path), "--metrics", "memory", "--base_model", str(tmp_path / "base"),
-                 "--output", str(out), "--quiet"]) == 0
+                 "--output", str(out), "--quiet", "true"]) == 0
     ratio = json.loads(out.read_text())["metrics"]["memory"]["parameter_ratio"]
     assert 0.5 < ratio["value"] < 1 and ratio["unit"] == "ratio"
     # A folder whose weights don't fit its config: one line, not a traceback.
     (tmp_path / "base" / "config.json").write_text((tmp_path / "base" / "config.json").read_text().replace(
         '"intermediate_size": 128', '"intermediate_size": 96'))
     capsys.readouterr()
-    assert main(["--model_path", str(tmp_path / "base"), "--metrics", "memory", "--quiet"]) == 2
+    assert status(["--model_path", str(tmp_path / "base"), "--metrics", "memory", "--quiet", "true"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # transformers' own progress bar comes first
     assert last.startswith(f"error: {tmp_path / 'base'}: could not load the model (RuntimeError")
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
-    assert main(["--model_path", str(tmp_path / "absent.bin"), "--quiet"]) == 2
+    assert status(["--model_path", str(tmp_path / "absent.bin"), "--quiet", "true"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {tmp_path / 'absent.bin'}: no such file"
-    assert main(["--model_path", "x.bin", "--ppl_data_dir", str(tmp_path / "nope"), "--quiet"]) == 2
+    assert status(["--model_path", "x.bin", "--ppl_data_dir", str(tmp_path / "nope"), "--quiet", "true"]) == 2
     assert "--ppl_data_dir" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--model_path", "x.bin", "--metrics", "ppl,bleu"])
@@ -108,9 +117,9 @@ def test_cli_compare_prints_a_table_and_saves_a_chart(tmp_path, capsys):
     assert "| metric | unit | before | after | Δ after − before |" in out
     assert "| ppl wikitext2 | perplexity | 20.000 | 15.000 | -5 |" in out
     assert chart.read_bytes()[:4] == b"\x89PNG"
-    assert main(["--compare", str(a), str(b), "--chart", str(chart)]) == 2  # no silent overwrite
+    assert status(["--compare", str(a), str(b), "--chart", str(chart)]) == 2  # no silent overwrite
     assert "cmp.png: already exists" in capsys.readouterr().err
-    assert main(["--compare", str(a), "--labels", "x,y"]) == 2
+    assert status(["--compare", str(a), "--labels", "x,y"]) == 2
     assert "2 names for 1 results" in capsys.readouterr().err
 
 

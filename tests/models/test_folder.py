@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -150,13 +151,17 @@ def test_convert_old_pickles_both_ways(tmp_path):
         assert [tok2(t)["input_ids"] for t in expected["texts"]] == expected["text_ids"]
 
 
-def test_convert_refuses_existing_targets(tmp_path, tiny_pruned_path):
+def test_convert_refuses_existing_targets(tmp_path, tiny_pruned_path, capsys):
     folder = convert(str(tiny_pruned_path), str(tmp_path / "f"))
-    with pytest.raises(SystemExit, match=r"error: .*f: folder exists and is not empty"):
+    with pytest.raises(SystemExit) as exc:
         main([str(tiny_pruned_path), str(folder)])
+    assert exc.value.code == 2
+    assert re.match(r"error: .*f: folder exists and is not empty", capsys.readouterr().err)
     (tmp_path / "exists.bin").write_bytes(b"keep me")
-    with pytest.raises(SystemExit, match=r"error: .*exists\.bin: exists; pass --overwrite true"):
+    with pytest.raises(SystemExit) as exc:
         main([str(folder), str(tmp_path / "exists.bin")])
+    assert exc.value.code == 2
+    assert re.match(r"error: .*exists\.bin: exists; pass --overwrite true", capsys.readouterr().err)
     assert (tmp_path / "exists.bin").read_bytes() == b"keep me"
     main([str(folder), str(tmp_path / "exists.bin"), "--overwrite", "true", "--check", "false"])
     assert zipfile.is_zipfile(tmp_path / "exists.bin")

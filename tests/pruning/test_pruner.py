@@ -233,11 +233,14 @@ def test_cli_writes_pickle_and_report_that_load_back(tiny_hf_dir, tmp_path, caps
     assert tok.pad_token is not None
 
 
-def test_cli_never_overwrites_silently(tiny_hf_dir, tmp_path):
+def test_cli_never_overwrites_silently(tiny_hf_dir, tmp_path, capsys):
     out = tmp_path / MERGED_PICKLE
     out.write_bytes(b"earlier result")
-    with pytest.raises(SystemExit, match=re.escape(f"{MERGED_PICKLE}: already exists; pass --overwrite true")):
+    with pytest.raises(SystemExit) as exc:
         prune_main(["--base_model", str(tiny_hf_dir), "--output", str(out), "--criterion", "l2"])
+    assert exc.value.code == 2
+    assert re.fullmatch(rf"error: .*{re.escape(MERGED_PICKLE)}: already exists; pass --overwrite true .*\n",
+                        capsys.readouterr().err)
     assert out.read_bytes() == b"earlier result"
     prune_main(["--base_model", str(tiny_hf_dir), "--output", str(out), "--criterion", "l2", "--overwrite", "true"])
     assert load_pruned(out)[0] is not None
