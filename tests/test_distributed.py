@@ -4,7 +4,9 @@ The multi-process runs go through ``python main.py fit`` in subprocesses (Lightn
 second rank itself, or two launchers play two nodes); they share one small data file and one
 tokenization cache. Every run trains 4 optimizer steps of a global batch of 8 over 16 records
 (2 epochs of 2 steps), with LoRA dropout off, so one process and several must end with the same
-adapter up to float reduction order.
+adapter up to float reduction order. The multi-process runs take the recipe (``configs/recover.yaml``)
+under a scale-out overlay, so they train its packed micro-batches (``padding_free``); the single
+process trains padded ones.
 """
 
 from __future__ import annotations
@@ -277,6 +279,7 @@ def test_ddp_two_processes_match_one(tiny_pruned_path, setting, reference, tmp_p
     run = RunFolder(out)
     saved = yaml.safe_load(run.config.read_text())
     assert saved["trainer"]["accumulate_grad_batches"] == BATCH // (MICRO * 2)
+    assert saved["data"]["padding_free"] is True  # the recipe's packed micro-batches, under the overlay
     # the data: two disjoint shards of equal length that together are the single process's steps
     ranks = recorded(out / "record")
     assert [r["rank"] for r in ranks] == [0, 1] and {r["world"] for r in ranks} == {2}

@@ -18,6 +18,9 @@ from lightning.pytorch.callbacks import Callback
 class RecordBatches(Callback):
     """Append ``{"step", "samples"}`` per micro-batch; write ``<out_dir>/batches-rank<r>.json`` at the end.
 
+    A sample is the token ids of one record: a padded row without its padding, or one sequence of a
+    packed row (``padding_free``: its positions restart at 0 where a sequence starts).
+
     Args:
         out_dir: where the per-rank files go.
     """
@@ -29,8 +32,13 @@ class RecordBatches(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        samples = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+        ids = batch["input_ids"]
+        if "attention_mask" in batch:
+            samples = [row[m.bool()].tolist() for row, m in zip(ids, batch["attention_mask"], strict=True)]
+        else:  # one packed row
+            row, positions = ids[0].tolist(), batch["position_ids"][0].tolist()
+            starts = [i for i, pos in enumerate(positions) if pos == 0] + [len(row)]
+            samples = [row[a:b] for a, b in zip(starts, starts[1:])]
         self.batches.append({"step": trainer.global_step, "samples": samples})
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
