@@ -179,7 +179,9 @@ class RecoveryOutputs(Callback):
 
         tokenizer = pl_module.tokenizer
         merged.eval()
-        save_pruned(merged, tokenizer, self.run.merged_pickle)
+        # in the input's dtype, from CPU tensors: it loads on a machine without CUDA
+        stored = getattr(pl_module, "stored_dtype", None)
+        save_pruned(merged, tokenizer, self.run.merged_pickle, dtype=stored)
         rank_zero_info(f"Saved the merged model to {self.run.merged_pickle}")
         if self.save_pickle_free:
             try:
@@ -187,13 +189,15 @@ class RecoveryOutputs(Callback):
             except ImportError:  # the pickle-free format is optional
                 pass
             else:
-                save_pruned_folder(merged, tokenizer, self.run.merged_folder, overwrite=True)
+                save_pruned_folder(merged, tokenizer, self.run.merged_folder, overwrite=True, dtype=stored)
                 rank_zero_info(f"Saved the merged model without pickle to {self.run.merged_folder}")
 
         if self.skip_evaluation:
             return
         from lit_recover.evaluation import evaluate_model, with_deltas, write_results
 
+        if hasattr(pl_module, "for_evaluation"):  # measured in the dtype and on the device it trained in
+            merged = pl_module.for_evaluation(merged)
         rank_zero_info("Evaluating the recovered model …")
         after = evaluate_model(merged, tokenizer, self._eval_config(), label="recovered")
         results = with_deltas(self.before, after) if self.before is not None else after

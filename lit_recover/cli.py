@@ -2,8 +2,10 @@
 
 Top-level keys (beside ``model``, ``data`` and ``trainer``): ``output_dir``, ``overwrite``,
 ``skip_evaluation``, ``before_metrics``, ``evaluation``, ``wandb_project``, ``save_steps``, ``save_total_limit``. Derived
-for you: gradient accumulation (``batch_size / (micro_batch_size × world size)``), precision
-(32-true on CPU, bf16-mixed on CUDA where supported), the logger, the checkpoint and end-of-fit
+for you: gradient accumulation (``batch_size / (micro_batch_size × world size)``), precision and
+the frozen base's dtype (:func:`default_precision`, :func:`default_torch_dtype`: a bfloat16 base
+without autocast on CPUs with native bf16, float32 on other CPUs, the stored dtype under a matching
+autocast on CUDA), the logger, the checkpoint and end-of-fit
 callbacks, and ``--ckpt_path`` (``last``, a ``checkpoint-<step>`` folder, or a ``.ckpt`` file).
 """
 
@@ -64,11 +66,98 @@ def gradient_accumulation(batch_size: int, micro_batch_size: int, world: int) ->
     return batch_size // per_step
 
 
-def default_precision(accelerator: str) -> str:
-    """32-true on CPU (bf16 is emulated there and about 2× slower), bf16-mixed on CUDA where supported."""
-    if accelerator != "cpu" and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+def _on_cuda(accelerator: str) -> bool:
+    return accelerator != "cpu" and torch.cuda.is_available()
+
+
+def default_precision(accelerator: str, base: torch.dtype | None = None) -> str:
+    """``--trainer.precision`` when it is not given, for a frozen base computing in ``base``.
+
+    CPU: ``32-true`` (no autocast); the base's dtype (:func:`default_torch_dtype`) brings bfloat16
+    where the CPU computes in it. CUDA: the autocast that matches the base: ``16-mixed`` (with its
+    loss scale) for a float16 base, else ``bf16-mixed`` where the GPU has bfloat16, else ``16-mixed``.
+    """
+    if _on_cuda(accelerator):
+        if base == torch.float16 or not torch.cuda.is_bf16_supported():
+            return "16-mixed"
+        return "bf16-mixed"
     return "32-true"
+
+
+def default_torch_dtype(accelerator: str) -> str:
+    """``--model.torch_dtype`` when neither it nor ``--trainer.precision`` is given.
+
+    CUDA: ``auto`` (the stored dtype, which the GPU computes in; bfloat16 becomes float32 on GPUs
+    without it). CPU: ``bfloat16`` where the CPU has native bf16 math (AVX512-BF16, AMX-BF16:
+    ``lit_recover.hardware``), the LoRA weights, their optimizer state and the loss staying float32;
+    ``float32`` elsewhere, where bfloat16 is emulated and slower than float32.
+    """
+    if _on_cuda(accelerator):
+        return "auto"
+    from lit_recover.hardware import cpu_native_bf16
+
+    return "bfloat16" if cpu_native_bf16() else "float32"
+
+
+# What a fit writes beyond the tensors, per file or folder (measured on the tiny model, rounded up):
+# zip entry headers and 64-byte alignment of torch.save, safetensors' JSON header, per tensor; the
+# trainer state's loop, scheduler and RNG records; PEFT's adapter_config.json and model card.
+_TENSOR_OVERHEAD = 256  # torch.save of a state dict; safetensors takes about half
+_PICKLED_TENSOR_OVERHEAD = 832  # a pickled model: the tensor's zip entry and the module holding it
+_CHECKPOINT_OVERHEAD = 48 * 1024
+_ADAPTER_FILES = 8 * 1024
+_FOLDER_FILES = 8 * 1024
+_RUN_FILES = 16 * 1024  # config.yaml, CSV logs
+
+
+def _tokenizer_bytes(tokenizer: Any) -> tuple[int, int]:
+    """``(pickled, files)``: the tokenizer's size inside a pickle and as ``save_pretrained`` files."""
+    import pickle
+    import tempfile
+
+    try:
+        pickled = len(pickle.dumps(tokenizer, protocol=2))
+    except Exception:  # a tokenizer that does not pickle fails at saving anyway
+        pickled = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+    return pickled, files
+
+
+def estimate_output_bytes(module: LoRARecoveryModule, save_total_limit: int,
+                          pickle_free: bool = True) -> dict[str, int]:
+    """Bytes a fit of ``module`` writes into its output_dir, by part, and their ``total``.
+
+    The merged pickle and the pickle-free folder hold every base parameter (a tied embedding once)
+    in the stored dtype, plus the tokenizer; the adapter its LoRA weights in float32; each step
+    checkpoint (``save_total_limit`` of them and ``checkpoint-last``) the LoRA weights twice (trainer
+    state and adapter files) and AdamW's two moments, all float32.
+    """
+    base = module.model.get_base_model()
+    stored = torch.empty((), dtype=module.stored_dtype).element_size()
+    seen: set[int] = set()
+    frozen = tensors = 0
+    for p in base.parameters():
+        if not p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            frozen += p.numel()
+            tensors += 1
+    buffers = sum(b.numel() * b.element_size() for b in base.buffers())
+    lora = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+    lora_tensors = sum(1 for p in module.model.parameters() if p.requires_grad)
+    pickled_tok, tok_files = _tokenizer_bytes(module.tokenizer)
+    weights = frozen * stored
+    parts = {
+        "merged_pickle": weights + tensors * _PICKLED_TENSOR_OVERHEAD + buffers + pickled_tok,
+        "merged_folder": (weights + tensors * _TENSOR_OVERHEAD // 2 + tok_files + _FOLDER_FILES) if pickle_free else 0,
+        "adapter": lora * 4 + lora_tensors * _TENSOR_OVERHEAD + tok_files + _ADAPTER_FILES,
+        "checkpoints": (max(save_total_limit, 0) + 1) * (
+            16 * lora + 4 * lora_tensors * _TENSOR_OVERHEAD + _CHECKPOINT_OVERHEAD + _ADAPTER_FILES),
+        "run_files": _RUN_FILES,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
 
 
 class OutputDirConfig(SaveConfigCallback):
@@ -146,8 +235,12 @@ class RecoveryCLI(LightningCLI):
         cfg = self._cfg()
         trainer = cfg.trainer
         accelerator = str(trainer.get("accelerator") or "auto")
-        if trainer.get("precision") is None:
+        self._precision_defaulted = trainer.get("precision") is None
+        if self._precision_defaulted:
             trainer.precision = default_precision(accelerator)
+            if cfg.model.get("torch_dtype") is None:
+                # an explicit precision means what it says (a float32 base unless torch_dtype is given)
+                cfg.model.torch_dtype = default_torch_dtype(accelerator)
         world = world_size(trainer)
         trainer.accumulate_grad_batches = gradient_accumulation(
             cfg.data.batch_size, cfg.data.micro_batch_size, world
@@ -210,13 +303,29 @@ class RecoveryCLI(LightningCLI):
             raise ConfigError(f"{out}: output_dir is not writable ({exc.strerror or exc})") from exc
         model_path = Path(cfg.model.pruned_model)
         if model_path.is_file():
-            # the merged pickle, the pickle-free folder and the adapter: a little over twice the input
-            need = int(model_path.stat().st_size * 2.1)
+            # before the model is loaded: the merged pickle alone is about the input's size (same
+            # dtype); the full count follows once the model is loaded (check_disk)
+            need = model_path.stat().st_size
             free = shutil.disk_usage(out).free
             if free < need:
                 raise ConfigError(
-                    f"{out}: {free / 2**20:.0f} MiB free, the merged model and adapter need about {need / 2**20:.0f} MiB"
+                    f"{out}: {free / 2**20:.0f} MiB free, the merged model alone needs about {need / 2**20:.0f} MiB"
                 )
+
+    @staticmethod
+    def check_disk(out: Path, module: LoRARecoveryModule, save_total_limit: int) -> dict[str, int]:
+        """Once the model is loaded: free disk for everything the fit writes (:func:`estimate_output_bytes`),
+        plus one checkpoint being written while the others still exist."""
+        parts = estimate_output_bytes(module, save_total_limit)
+        in_flight = parts["checkpoints"] // (max(save_total_limit, 0) + 1)
+        free = shutil.disk_usage(out).free
+        need = parts["total"] + in_flight  # files are replaced through temporary copies: count them whole
+        if free < need:
+            detail = ", ".join(f"{k.replace('_', ' ')} {v / 2**20:.1f}" for k, v in parts.items() if k != "total")
+            raise ConfigError(
+                f"{out}: {free / 2**20:.0f} MiB free, the run writes about {need / 2**20:.0f} MiB ({detail} MiB)"
+            )
+        return parts
 
     # --- trainer ---------------------------------------------------------------------------------
     @override
@@ -224,7 +333,13 @@ class RecoveryCLI(LightningCLI):
         cfg = self._cfg()
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         callbacks = list(trainer_cfg.get("callbacks") or [])
+        if getattr(self, "_precision_defaulted", False) and isinstance(self.model, LoRARecoveryModule):
+            # on CUDA the autocast follows the dtype the base was loaded in (16-mixed for float16)
+            precision = default_precision(str(cfg.trainer.get("accelerator") or "auto"), self.model.base_dtype)
+            trainer_cfg["precision"] = cfg.trainer.precision = precision
         if self.subcommand == "fit":
+            if isinstance(self.model, LoRARecoveryModule):
+                self.check_disk(Path(cfg.output_dir), self.model, cfg.save_total_limit)
             validation = bool(cfg.data.get("val_set_size", 0))
             callbacks.append(RecoveryCheckpoint(
                 dirpath=cfg.output_dir, save_steps=cfg.save_steps, save_top_k=cfg.save_total_limit,

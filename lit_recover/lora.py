@@ -17,6 +17,8 @@ from ``nn.Dropout``'s, as two seeds do.
 ``use_lean_lora(model)`` switches the adapted ``Linear`` layers of a PEFT model to it. Layers it cannot
 serve take PEFT's own forward: merged or disabled adapters, several active adapters, LoRA variants
 (DoRA, ...), per-request ``adapter_names``, and autocast (mixed precision), where PEFT's path runs.
+A bfloat16 or float16 base with float32 adapters (the default on CPUs with native bf16) runs here:
+the branch computes in float32 from the shared half-precision input, as PEFT's does.
 """
 
 from __future__ import annotations
@@ -30,11 +32,19 @@ from torch import nn
 
 
 class LoRABranch(torch.autograd.Function):
-    """``dropout(x) @ A.T @ B.T * scaling`` saving ``x`` (shared), a boolean mask and the rank-r middle."""
+    """``dropout(x) @ A.T @ B.T * scaling`` saving ``x`` (shared), a boolean mask and the rank-r middle.
+
+    Computed in the dtype of the LoRA weights: a bfloat16 or float16 ``x`` (a half-precision base)
+    is cast to it as PEFT casts it, but ``x`` is kept for the backward pass as it came (shared by the
+    layers that read it) and cast again there. The output is in the weights' dtype; its gradient
+    to ``x`` comes back in ``x``'s dtype.
+    """
 
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, mask, keep_scale: float, scaling: float):
-        dropped = x if mask is None else x * _noise(mask, keep_scale, x.dtype)
+        compute = weight_a.dtype
+        xc = x.to(compute)
+        dropped = xc if mask is None else xc * _noise(mask, keep_scale, compute)
         middle = F.linear(dropped, weight_a)
         out = F.linear(middle, weight_b).mul_(scaling)
         ctx.save_for_backward(x, weight_a, weight_b, mask, middle)
@@ -44,20 +54,26 @@ class LoRABranch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight_a, weight_b, mask, middle = ctx.saved_tensors
-        grad_out = grad_out * ctx.scaling
+        compute = weight_a.dtype
+        grad_out = grad_out.to(compute) * ctx.scaling
         grad_middle = grad_out @ weight_b
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[2]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).t() @ middle.reshape(-1, middle.shape[-1])
-        noise = None if mask is None else _noise(mask, ctx.keep_scale, x.dtype)
+        noise = None if mask is None else _noise(mask, ctx.keep_scale, compute)
         if ctx.needs_input_grad[1]:
-            dropped = x if noise is None else x * noise
+            xc = x.to(compute)
+            dropped = xc if noise is None else xc * noise
             grad_a = grad_middle.reshape(-1, grad_middle.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[0]:
             grad_x = grad_middle @ weight_a
             if noise is not None:
                 grad_x = grad_x.mul_(noise)
+            grad_x = grad_x.to(x.dtype)
         return grad_x, grad_a, grad_b, None, None, None
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _noise(mask: torch.Tensor, keep_scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -92,14 +108,15 @@ def _lean_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Ten
     )
     p = _dropout_p(self.lora_dropout[adapters[0]]) if plain else None
     lora_a = self.lora_A[adapters[0]].weight if plain else None
-    if p is None or lora_a.dtype != x.dtype:
+    lora_b = self.lora_B[adapters[0]].weight if plain else None
+    # a half-precision base (x) with float32 adapters runs here too: the branch computes in float32
+    if p is None or lora_b.dtype != lora_a.dtype or not (lora_a.dtype == x.dtype or x.dtype in _HALF):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     mask = keep_mask(x, p) if p > 0.0 else None
-    branch = LoRABranch.apply(
-        x, lora_a, self.lora_B[adapters[0]].weight, mask, 1.0 / (1.0 - p), self.scaling[adapters[0]]
-    )
-    return result + branch
+    branch = LoRABranch.apply(x, lora_a, lora_b, mask, 1.0 / (1.0 - p), self.scaling[adapters[0]])
+    # as PEFT: the sum in the promoted dtype, then back to the base layer's output dtype
+    return (result + branch).to(result.dtype)
 
 
 def use_lean_lora(model: nn.Module) -> int:

@@ -30,7 +30,7 @@ from lit_recover.distributed import ShardedModel, gather_merged, gather_trainabl
 from lit_recover.errors import LitRecoverError
 from lit_recover.lora import use_lean_lora
 from lit_recover.models.flops import LoRATrainingFlops, cached_peak_flops, length_stats, matmul_shapes
-from lit_recover.models.load import load_pruned
+from lit_recover.models.load import cast_parameters, load_pruned, stored_dtype
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,30 @@ def _drop_checkpointing_settings(model: torch.nn.Module) -> None:
     model.config.use_cache = True
 
 
+def resolve_base_dtype(torch_dtype: str | None, stored: torch.dtype) -> torch.dtype:
+    """The dtype ``--model.torch_dtype`` gives the frozen base of weights stored in ``stored``."""
+    from lit_recover.hardware import base_dtype
+    from lit_recover.models.load import as_dtype
+
+    if torch_dtype is None:
+        return torch.float32
+    if torch_dtype == "stored":
+        return stored
+    if torch_dtype == "auto":
+        return base_dtype(stored, "cuda" if torch.cuda.is_available() else "cpu")
+    return as_dtype(torch_dtype)
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _merge(weight: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight + delta`` computed in float32 at least, rounded once to ``dtype``."""
+    work = torch.promote_types(torch.promote_types(weight.dtype, delta.dtype), torch.float32)
+    return (weight.to(work) + delta.to(weight.device, work)).to(dtype)
+
+
 class LoRARecoveryModule(L.LightningModule):
     """LoRA recovery fine-tuning of a structurally pruned causal LM.
 
@@ -98,8 +122,13 @@ class LoRARecoveryModule(L.LightningModule):
             gradients for the same dropout masks, with less activation memory and faster mask draws
             (``false``: PEFT's forward). Not used under autocast (mixed precision): PEFT's path runs.
         trust_pickle: load the pickle with plain ``torch.load`` (executes code named by the file).
-        torch_dtype: dtype of the frozen base weights (``float32``, ``bfloat16``, ``float16``); ``None``
-            picks float32 (mixed precision keeps fp32 masters).
+        torch_dtype: dtype of the frozen base weights: ``float32``, ``bfloat16``, ``float16``,
+            ``float64``; ``stored`` (as the file holds them); ``auto`` (the stored dtype where this
+            machine computes in it, else the closest one it does: ``lit_recover.hardware.base_dtype``);
+            ``None``: float32. The command line fills it in from the precision (``--trainer.precision``
+            unset: bfloat16 on a CPU with native bf16, else float32; ``auto`` on CUDA). The LoRA
+            weights, their gradients and optimizer state stay float32 whatever it is (PEFT's
+            ``autocast_adapter_dtype``), and the merged model is written in the stored dtype.
         attn_implementation: attention kernel (``sdpa``, ``eager``); ``None`` keeps the model's.
         peak_flops: the device's peak in FLOP/s that ``train/mfu`` (model FLOPs of the step's tokens /
             its seconds / peak, per device; ``lit_recover.models.flops``) divides by; ``None``: its
@@ -136,7 +165,9 @@ class LoRARecoveryModule(L.LightningModule):
         # Checkpoints hold only the adapter: loading them must not demand the frozen base weights.
         self.strict_loading = False
 
-        base, self.tokenizer = self._load_base(pruned_model, trust_pickle, torch_dtype, attn_implementation)
+        base, self.tokenizer, self.stored_dtype = self._load_base(
+            pruned_model, trust_pickle, torch_dtype, attn_implementation, mmap=mmap_weights
+        )
         self.model = self._wrap_lora(base)
         self.val_nll = MeanMetric()
         self._step_started: float | None = None
@@ -150,14 +181,24 @@ class LoRARecoveryModule(L.LightningModule):
 
     # --- setup -----------------------------------------------------------------------------
     @staticmethod
-    def _load_base(path: str, trust_pickle: bool, torch_dtype: str | None, attn_implementation: str | None):
-        kwargs: dict[str, Any] = {"dtype": torch_dtype or "float32"}
+    def _load_base(path: str, trust_pickle: bool, torch_dtype: str | None, attn_implementation: str | None,
+                   mmap: bool = False) -> tuple[torch.nn.Module, Any, torch.dtype]:
+        """``(model, tokenizer, stored dtype)``: the model cast to the base dtype ``torch_dtype`` names."""
+        stored: list[torch.dtype] = []
+
+        def choose(dtype: torch.dtype) -> torch.dtype:
+            stored.append(dtype)
+            return resolve_base_dtype(torch_dtype, dtype)
+
+        kwargs: dict[str, Any] = {"dtype": choose}
+        if mmap:
+            kwargs["mmap"] = True
         if trust_pickle:
             kwargs["trust_pickle"] = True
         model, tokenizer = load_pruned(path, **kwargs)
         if attn_implementation is not None:
             model.config._attn_implementation = attn_implementation
-        return model, tokenizer
+        return model, tokenizer, stored[0]
 
     def _wrap_lora(self, base: torch.nn.Module) -> torch.nn.Module:
         from peft import LoraConfig, get_peft_model
@@ -380,20 +421,108 @@ class LoRARecoveryModule(L.LightningModule):
         self.model.save_pretrained(path, state_dict=state_dict)
 
     def merged_model(self) -> torch.nn.Module | None:
-        """Fold the LoRA weights into the base weights and return the plain model.
+        """Fold the LoRA weights into the base weights and return the plain model, in the stored dtype.
 
-        Done in place: afterwards this module holds no adapter any more (the end of fit is the place).
-        Under FSDP2 a collective (call it on every rank): the gathered, merged model on rank zero
-        (on this rank's device), ``None`` on the other ranks.
+        Each merged weight is ``(W.float() + B @ A * scaling).to(stored dtype)``: the sum in float32
+        at least, rounded once. ``W`` is the weight as the file holds it: when the base ran in a dtype
+        that cannot hold every stored value (float16 or float32 weights trained as bfloat16 on a CPU),
+        the model is read again from ``pruned_model`` and the adapter merged into that, so the written
+        model is the input plus the adapter, not a bfloat16 rounding of it.
+
+        Done in place where the base is reused: afterwards this module holds no adapter any more (the
+        end of fit is the place). The model stays on the device it trained on; :meth:`for_evaluation`
+        gives it the training dtype again after it is saved. Under FSDP2 a collective (call it on
+        every rank): the merged model on rank zero (on the CPU), ``None`` on the other ranks.
         """
+        from lit_recover.hardware import is_lossless
+
+        self._trained_dtype = self.base_dtype
+        exact = is_lossless(self.stored_dtype, self._trained_dtype)
         if self._sharded is not None:
-            merged = gather_merged(self.model, self._sharded)
-            merged = merged.to(self.device) if merged is not None else None
-        else:
-            merged = self.model.merge_and_unload()
-        if merged is not None and self.hparams.gradient_checkpointing:
+            if exact:
+                merged = gather_merged(self.model, self._sharded)
+                return cast_parameters(merged, self.stored_dtype) if merged is not None else None
+            tensors = gather_trainable(self.model)  # a collective; the full adapter on rank zero
+            return self._merge_into_reloaded(tensors) if tensors else None
+        if not exact:
+            tensors = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+            return self._merge_into_reloaded(tensors)
+        deltas = self._lora_deltas()
+        with torch.no_grad():
+            for name, module in self._lora_layers():
+                weight = module.get_base_layer().weight
+                weight.data = _merge(weight, deltas[name], self.stored_dtype)
+        merged = self.model.unload()
+        cast_parameters(merged, self.stored_dtype)  # exact: the base dtype holds every stored value
+        if self.hparams.gradient_checkpointing:
             _drop_checkpointing_settings(merged)
         return merged
+
+    def for_evaluation(self, merged: torch.nn.Module) -> torch.nn.Module:
+        """The merged model (after it is written) in the dtype and on the device the base trained in:
+        what the evaluation measures and records. Cast in place."""
+        return cast_parameters(merged, getattr(self, "_trained_dtype", None) or self.base_dtype).to(self.device)
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """The dtype the frozen base weights compute in (Lightning's ``*-true`` precisions cast them)."""
+        counts: dict[torch.dtype, int] = {}
+        for p in self.model.parameters():
+            if not p.requires_grad and p.is_floating_point():
+                counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+        return max(counts, key=counts.get) if counts else torch.float32
+
+    def _lora_layers(self) -> Iterable[tuple[str, torch.nn.Module]]:
+        from peft.tuners.lora.layer import LoraLayer
+
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, LoraLayer)]
+
+    def _lora_deltas(self, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``{LoRA layer name: B @ A * scaling in float32}``, from the layers or from full ``tensors``
+        (parameter name → tensor, as ``gather_trainable`` gives them)."""
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        out: dict[str, torch.Tensor] = {}
+        for name, module in self._lora_layers():
+            adapters = [a for a in module.active_adapters if a in module.lora_A]
+            if len(adapters) != 1 or adapters[0] in getattr(module, "lora_variant", {}) or module.merged:
+                raise RuntimeError(f"{name}: only one plain, unmerged LoRA adapter per layer can be merged here")
+            adapter = adapters[0]
+            if tensors is None:
+                out[name] = _at_least_fp32(module.get_delta_weight(adapter))
+                continue
+            if type(module) is not LoraLinear:
+                raise RuntimeError(f"{name}: a {type(module).__name__} adapter cannot be merged from gathered tensors")
+            a = _at_least_fp32(tensors[f"{name}.lora_A.{adapter}.weight"])
+            b = _at_least_fp32(tensors[f"{name}.lora_B.{adapter}.weight"])
+            delta = (b @ a) * module.scaling[adapter]
+            out[name] = delta.T if module.fan_in_fan_out else delta
+        return out
+
+    def _merge_into_reloaded(self, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """The model read again from ``pruned_model`` in its stored dtype (on the CPU), the adapter in
+        ``tensors`` merged into it."""
+        hp = self.hparams
+        deltas = self._lora_deltas(tensors)
+        log.info("merging the adapter into %s as stored (%s): the base trained in %s",
+                 hp.pruned_model, self.stored_dtype, self.base_dtype)
+        kwargs: dict[str, Any] = {"check": False, "trust_pickle": True} if hp.trust_pickle else {"check": False}
+        model, _ = load_pruned(hp.pruned_model, **kwargs)
+        if stored_dtype(model) != self.stored_dtype:
+            raise RuntimeError(f"{hp.pruned_model} changed during training: it now holds {stored_dtype(model)} "
+                               f"weights, not {self.stored_dtype}")
+        if hp.attn_implementation is not None:
+            model.config._attn_implementation = hp.attn_implementation
+        prefix = "base_model.model."
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                weight = model.get_submodule(name.removeprefix(prefix)).weight
+                if tuple(weight.shape) != tuple(delta.shape):
+                    raise RuntimeError(f"{hp.pruned_model} changed during training: {name} is {list(weight.shape)}")
+                weight.data = _merge(weight, delta, weight.dtype)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model.eval()
 
     # --- checkpoints: the adapter, not the frozen base ----------------------------------------
     @override

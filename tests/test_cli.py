@@ -176,8 +176,10 @@ def test_padding_free_trains_the_same_adapter(tiny_pruned_path, alpaca_json, tmp
 @pytest.mark.parametrize("validation", [False, True], ids=["no-val", "val"])
 def test_resume_reproduces_the_straight_run(tiny_pruned_path, alpaca_json, tmp_path, validation):
     """2N steps straight == N steps, then resume from checkpoint-last for N more (mid-epoch, dropout on)."""
+    # float32 pinned: the comparison is of two runs' numbers, whatever the CPU's default base dtype
     extra = ["--data.val_set_size", "6" if validation else "0", "--save_steps", "3",
-             "--model.warmup_steps", "2", "--model.learning_rate", "1e-2", "--data.group_by_length", "true"]
+             "--model.warmup_steps", "2", "--model.learning_rate", "1e-2", "--data.group_by_length", "true",
+             "--trainer.precision", "32-true"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     cli_main(_fit_args(tiny_pruned_path, alpaca_json, straight, "--trainer.max_steps", "6", *extra))
     cli_main(_fit_args(tiny_pruned_path, alpaca_json, resumed, "--trainer.max_steps", "6", *extra,
@@ -262,7 +264,7 @@ def test_killed_runs_resume_to_the_same_adapter(tiny_pruned_path, alpaca_json, t
 
     repo = Path(__file__).resolve().parents[1]
     common = ["--data.val_set_size", "0", "--save_steps", "2", "--model.warmup_steps", "2",
-              "--model.learning_rate", "1e-2", "--trainer.max_steps", "6"]
+              "--model.learning_rate", "1e-2", "--trainer.max_steps", "6", "--trainer.precision", "32-true"]
     straight = tmp_path / "straight"
     cli_main(_fit_args(tiny_pruned_path, alpaca_json, straight, *common))
     reference = _adapter(straight)

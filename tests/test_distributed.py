@@ -123,7 +123,8 @@ def fit_args(model: Path, setting: dict[str, Path], out: str | Path, *extra: str
             "--model.lora_dropout", "0", "--model.learning_rate", "0.01", "--model.warmup_steps", "0",
             "--trainer.max_steps", str(STEPS), "--save_steps", "2", "--skip_evaluation", "true",
             "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.gradient_clip_val", "1.0",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra]
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.precision", "32-true", *extra]  # runs compared by their numbers: float32 on any CPU
 
 
 def recorder(out_dir: Path) -> list[str]:

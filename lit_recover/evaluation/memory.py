@@ -1,7 +1,8 @@
 """Model size and peak memory.
 
 - parameters: unique parameters (tied weights once), and the ratio to a base model's count;
-- size: bytes of unique parameters and buffers, in MiB;
+- size: bytes of unique parameters and buffers, in MiB, in the dtype the model was evaluated in
+  (recorded beside it, with the parameter count per dtype);
 - peak memory while the suite ran: ``torch.cuda.max_memory_allocated`` on a GPU (the peak is reset
   when tracking starts); on CPU, the peak resident set size sampled every ``interval`` seconds
   during evaluation, plus the process's lifetime peak (``ru_maxrss``, which includes loading).
@@ -29,6 +30,15 @@ MIB = 1024 * 1024
 def parameter_count(model: nn.Module) -> int:
     """Number of unique parameters (a tied embedding counts once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def parameter_dtypes(model: nn.Module) -> dict[str, int]:
+    """Unique parameters by dtype (``{"bfloat16": n}``; a LoRA-wrapped model shows its float32 adapter)."""
+    counts: dict[str, int] = {}
+    for p in model.parameters():
+        name = str(p.dtype).removeprefix("torch.")
+        counts[name] = counts.get(name, 0) + p.numel()
+    return counts
 
 
 def model_size_bytes(model: nn.Module) -> int:
@@ -172,8 +182,9 @@ def evaluate_memory(model: nn.Module, tracker: PeakMemory | None = None, base_mo
     t0 = time.perf_counter()
     weight = model.get_input_embeddings().weight
     params = parameter_count(model)
+    dtype = str(weight.dtype).removeprefix("torch.")
     out: dict = {"status": OK, "settings": {"base_model": base_model, "device": str(weight.device),
-                                            "dtype": str(weight.dtype).removeprefix("torch.")},
+                                            "dtype": dtype, "parameter_dtypes": parameter_dtypes(model)},
                  "parameters": measurement(params, "count")}
     if base_model is not None:
         try:
@@ -183,7 +194,9 @@ def evaluate_memory(model: nn.Module, tracker: PeakMemory | None = None, base_mo
         except Exception as exc:  # an unreachable hub id, an unreadable file
             out["parameter_ratio"] = skipped(f"could not count {base_model}'s parameters "
                                              f"({type(exc).__name__}: {exc})")
-    out["size"] = measurement(model_size_bytes(model) / MIB, "MiB", higher_is_better=False)
+    # the size as evaluated: in the dtype the model ran in (a float16 file evaluated in bfloat16 or
+    # float32 is reported at that size, with the dtype beside it)
+    out["size"] = measurement(model_size_bytes(model) / MIB, "MiB", higher_is_better=False, dtype=dtype)
     if tracker is not None:
         out.update(tracker.report())
     out["elapsed"] = measurement(time.perf_counter() - t0, "s")

@@ -43,17 +43,20 @@ def is_pruned_folder(path: str | Path) -> bool:
     return (Path(path) / SHAPES_FILE).is_file()
 
 
-def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+def _weights(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors to write: on the CPU, floating-point ones in ``dtype`` (``None``: as they are)."""
     state = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in state:
         del state["lm_head.weight"]  # safetensors stores no aliases; loading ties it again
     seen: dict[int, str] = {}
     out = {}
     for key, tensor in state.items():
-        tensor = tensor.detach().to("cpu")
         ptr = tensor.untyped_storage().data_ptr()
+        target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        converted = tensor.detach().to("cpu", target)
         # Any other shared storage is written as its own copy rather than refused.
-        out[key] = tensor.clone() if ptr in seen else tensor.contiguous()
+        shared = converted.untyped_storage().data_ptr() == ptr and ptr in seen
+        out[key] = converted.clone() if shared else converted.contiguous()
         seen.setdefault(ptr, key)
     return out
 
@@ -67,7 +70,8 @@ def _check_target(directory: Path, overwrite: bool) -> None:
         )
 
 
-def save_pruned_folder(model: nn.Module, tokenizer: Any, directory: str | Path, *, overwrite: bool = False) -> Path:
+def save_pruned_folder(model: nn.Module, tokenizer: Any, directory: str | Path, *, overwrite: bool = False,
+                       dtype: torch.dtype | str | None = None) -> Path:
     """Write a pruned model and its tokenizer as a pickle-free folder, atomically.
 
     Everything is written to a temporary folder beside ``directory`` and renamed into place, so a
@@ -78,11 +82,17 @@ def save_pruned_folder(model: nn.Module, tokenizer: Any, directory: str | Path, 
         tokenizer: its tokenizer.
         directory: the folder to create.
         overwrite: replace an existing non-empty folder; without it that is an error.
+        dtype: write the floating-point weights in this dtype (``None``: as the model holds them);
+            they are written from CPU copies whatever device the model is on.
 
     Returns:
         ``directory``.
     """
     directory = Path(directory)
+    if dtype is not None:
+        from lit_recover.models.load import as_dtype
+
+        dtype = as_dtype(dtype)
     architecture = type(model).__name__
     if architecture not in ARCHITECTURES:
         raise PrunedModelError(
@@ -93,9 +103,13 @@ def save_pruned_folder(model: nn.Module, tokenizer: Any, directory: str | Path, 
 
     try:
         with atomic_dir(directory, overwrite=overwrite) as tmp:
-            save_file(_weights(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            weights = _weights(model, dtype)
+            save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
             config = json.loads(model.config.to_json_string(use_diff=False))
             config["architectures"] = [architecture]
+            written = str(weights["model.embed_tokens.weight"].dtype).removeprefix("torch.")
+            for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
+                config[key] = written  # the dtype of the weights in this folder
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             shapes = {"format": FORMAT, "version": FORMAT_VERSION, "architecture": architecture,
                       "layers": layer_shapes(model)}

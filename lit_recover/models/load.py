@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -104,21 +105,73 @@ def prepare_tokenizer(tokenizer) -> None:
     tokenizer.padding_side = "left"
 
 
+DtypeChoice = torch.dtype | str | Callable[[torch.dtype], torch.dtype] | None
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.bfloat16`` from ``"bfloat16"`` (or a dtype as it is); an unknown name is an error."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise PrunedModelError(f"dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16, float64)")
+    return value
+
+
+def stored_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of a model's floating-point parameters (the one holding most elements)."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def _widens(source: torch.dtype, target: torch.dtype) -> bool:
+    s, t = torch.finfo(source), torch.finfo(target)
+    return t.eps <= s.eps and t.max >= s.max
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype | str) -> nn.Module:
+    """Cast the floating-point parameters and persistent buffers of ``model`` to ``dtype``, in place.
+
+    Unlike ``model.to(dtype)``, tables computed at construction (non-persistent buffers: the rotary
+    ``inv_freq``) are never narrowed: a bfloat16 ``inv_freq`` puts the rotary angle of position
+    2,000 off by several radians. They are widened where ``dtype`` holds more.
+    """
+    dtype = as_dtype(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is None or not buf.is_floating_point() or buf.dtype == dtype:
+                    continue
+                if name not in module._non_persistent_buffers_set or _widens(buf.dtype, dtype):
+                    module._buffers[name] = buf.to(dtype)
+    return model
+
+
 def read_model(
     path: str | Path,
     *,
-    dtype: torch.dtype | str | None = None,
+    dtype: DtypeChoice = None,
     trust_pickle: bool = False,
 ) -> tuple[nn.Module, object]:
     """Read a model and tokenizer as stored, without the training preparation of :func:`load_pruned`.
 
     Args:
         path: a pruned pickle, a pruned folder, a Hugging Face model directory, or a hub id.
-        dtype: cast the model to this dtype (``"float32"``, ``"bfloat16"``, …); ``None`` keeps it.
+        dtype: cast the model's parameters to this dtype (``"float32"``, ``"bfloat16"``, …; see
+            :func:`cast_parameters`), or to what ``dtype(stored dtype)`` returns; ``None`` keeps it.
         trust_pickle: unpickle a pickle as written (runs code it names) instead of rebuilding it safely.
     """
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    choose = dtype if callable(dtype) and not isinstance(dtype, torch.dtype) else None
+    if choose is None and dtype is not None:
+        dtype = as_dtype(dtype)
+    elif choose is not None:
+        dtype = None
     p = Path(path)
     source = str(path)
     if p.is_file():
@@ -136,15 +189,17 @@ def read_model(
         raise PrunedModelError(f"{source}: no such file")
     else:
         model, tokenizer = _load_hf(str(path), dtype)  # a hub id
+    if choose is not None:
+        dtype = as_dtype(choose(stored_dtype(model)))
     if dtype is not None:
-        model.to(dtype)
+        cast_parameters(model, dtype)
     return model, tokenizer
 
 
 def load_pruned(
     path: str | Path,
     *,
-    dtype: torch.dtype | str | None = None,
+    dtype: DtypeChoice = None,
     check: bool = True,
     trust_pickle: bool = False,
 ) -> tuple[nn.Module, object]:
@@ -153,7 +208,9 @@ def load_pruned(
     Args:
         path: an LLM-Pruner ``pruned_model.bin`` pickle, a pruned folder (``save_pruned_folder``),
             a Hugging Face model directory, or a hub id.
-        dtype: cast the model to this dtype (``"float32"``, ``"bfloat16"``, …); ``None`` keeps it.
+        dtype: cast the model's parameters to this dtype (``"float32"``, ``"bfloat16"``, …), or to
+            what ``dtype(stored dtype)`` returns (the checks then run in the chosen dtype); ``None``
+            keeps the stored one.
         check: run the structural and forward consistency checks.
         trust_pickle: unpickle a pickle with ``torch.load(weights_only=False)``, running the code it
             names and needing every class it names importable. The default reads it without running
@@ -174,9 +231,59 @@ def load_pruned(
     return model, tokenizer
 
 
-def save_pruned(model: nn.Module, tokenizer, path: str | Path, *, overwrite: bool = True) -> Path:
+def as_stored(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
+    """``model`` as a file should hold it: every tensor on the CPU, parameters in ``dtype``.
+
+    Returns ``model`` itself when it is that already; otherwise a copy that shares the tensors that
+    need no change (so a model on a GPU costs host memory for its weights once, and the GPU copy
+    stays as it is). ``torch.load(path, weights_only=False)`` of what is saved then works on a
+    machine without CUDA. Non-persistent buffers keep their dtype (see :func:`cast_parameters`).
+    """
+    dtype = as_dtype(dtype) if dtype is not None else None
+    cpu = torch.device("cpu")
+
+    def stored(t: torch.Tensor, keep_dtype: bool) -> torch.Tensor:
+        target = dtype if dtype is not None and t.is_floating_point() and not keep_dtype else t.dtype
+        return t if t.device == cpu and t.dtype == target else t.detach().to(cpu, target)
+
+    changes: dict[int, torch.Tensor] = {}
+    for p in model.parameters():
+        new = stored(p, False)
+        if new is not p:
+            changes[id(p)] = nn.Parameter(new, requires_grad=p.requires_grad)
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is None:
+                continue
+            persistent = name not in module._non_persistent_buffers_set
+            new = stored(buf, not persistent)
+            if new is not buf:
+                changes[id(buf)] = new
+    strays = [t for m in model.modules() for t in vars(m).values()
+              if isinstance(t, torch.Tensor) and t.device != cpu and id(t) not in changes]
+    if not changes and not strays:
+        return model
+    import copy
+
+    memo: dict[int, object] = dict(changes)
+    for p in model.parameters():
+        memo.setdefault(id(p), p)  # unchanged tensors are shared, not copied
+    for b in model.buffers():
+        memo.setdefault(id(b), b)
+    for t in strays:
+        memo[id(t)] = t.detach().to(cpu)
+    copied = copy.deepcopy(model, memo)
+    if dtype is not None and hasattr(copied, "config"):
+        setattr(copied.config, "dtype" if hasattr(copied.config, "dtype") else "torch_dtype", dtype)
+    return copied
+
+
+def save_pruned(model: nn.Module, tokenizer, path: str | Path, *, overwrite: bool = True,
+                dtype: torch.dtype | str | None = None) -> Path:
     """Save ``{'model', 'tokenizer'}`` exactly as LLM-Pruner does, atomically (``outputs.torch_save``).
 
+    The pickle holds CPU tensors whatever device the model is on, its parameters in ``dtype``
+    (``None``: as they are), so ``torch.load(path, weights_only=False)["model"]`` works without CUDA.
     ``overwrite=False`` refuses an existing file, also one that appeared while saving.
     """
-    return torch_save({"model": model, "tokenizer": tokenizer}, path, overwrite=overwrite)
+    return torch_save({"model": as_stored(model, dtype), "tokenizer": tokenizer}, path, overwrite=overwrite)
