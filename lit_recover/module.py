@@ -166,7 +166,7 @@ class LoRARecoveryModule(L.LightningModule):
         self.strict_loading = False
 
         base, self.tokenizer, self.stored_dtype = self._load_base(
-            pruned_model, trust_pickle, torch_dtype, attn_implementation, mmap=mmap_weights
+            pruned_model, trust_pickle, torch_dtype, attn_implementation
         )
         self.model = self._wrap_lora(base)
         self.val_nll = MeanMetric()
@@ -182,7 +182,7 @@ class LoRARecoveryModule(L.LightningModule):
     # --- setup -----------------------------------------------------------------------------
     @staticmethod
     def _load_base(path: str, trust_pickle: bool, torch_dtype: str | None, attn_implementation: str | None,
-                   mmap: bool = False) -> tuple[torch.nn.Module, Any, torch.dtype]:
+                   ) -> tuple[torch.nn.Module, Any, torch.dtype]:
         """``(model, tokenizer, stored dtype)``: the model cast to the base dtype ``torch_dtype`` names."""
         stored: list[torch.dtype] = []
 
@@ -191,8 +191,6 @@ class LoRARecoveryModule(L.LightningModule):
             return resolve_base_dtype(torch_dtype, dtype)
 
         kwargs: dict[str, Any] = {"dtype": choose}
-        if mmap:
-            kwargs["mmap"] = True
         if trust_pickle:
             kwargs["trust_pickle"] = True
         model, tokenizer = load_pruned(path, **kwargs)
