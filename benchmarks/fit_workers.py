@@ -77,9 +77,6 @@ def lit_cli_args(s: FitSettings, output_dir: Path) -> list[str]:
         "--data.group_by_length", str(s.group_by_length).lower(),
         "--data.batch_size", str(s.batch_size),
         "--data.micro_batch_size", str(s.micro_batch_size),
-        # the recipe always appends EOS to prompt+response (its add_eos_token flag only changes
-        # how the prompt length is counted); lit-recover does so with add_eos_token
-        "--data.add_eos_token", "true",
         "--data.padding_free", str(s.padding_free).lower(),
         "--model.learning_rate", str(s.learning_rate),
         "--model.warmup_steps", str(s.warmup_steps),
@@ -94,6 +91,10 @@ def lit_cli_args(s: FitSettings, output_dir: Path) -> list[str]:
         "--seed_everything", str(s.seed),
         "--output_dir", str(output_dir),
         "--skip_evaluation", "true",
+        # float32 as the reference computes on CPU, whatever this CPU's default (a bfloat16 base where
+        # bf16 is native); the bf16_base lever measures that default
+        "--trainer.precision", "32-true",
+        "--model.torch_dtype", "float32",
     ]
     return args + list(s.lit_args)
 
@@ -150,6 +151,8 @@ def run_lit_worker(s: FitSettings, workdir: Path) -> dict[str, Any]:
                 original = _full_logits_loss(pl_module)
             pl_module.supervised_loss = supervised_loss
             trainer.optimizers[0].register_step_post_hook(meter.optimizer_step_hook)
+            if s.skip_outputs:  # a new list: the one Lightning is iterating stays as it is
+                trainer.callbacks = [c for c in trainer.callbacks if type(c).__name__ != "RecoveryOutputs"]
             meter.start()
 
         def on_train_end(self, trainer, pl_module) -> None:

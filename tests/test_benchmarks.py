@@ -51,8 +51,9 @@ def test_reference_truncates_without_eos(tokenizer):
     assert out["labels"] == [-100] * 12  # the prompt alone fills the cutoff
 
 
-def test_reference_labels_equal_lit_recover_labels_with_add_eos_token(tokenizer):
-    """The benchmark gives lit-recover ``add_eos_token true``: then both sides train on the same tokens."""
+@pytest.mark.parametrize("add_eos_token", [False, True])
+def test_reference_labels_equal_lit_recover_labels(tokenizer, add_eos_token):
+    """With the same flags both sides train on the same tokens (the benchmark keeps the defaults)."""
     from lit_recover.data.prompts import load_template
     from lit_recover.data.tokenize import tokenize_batch
 
@@ -60,8 +61,8 @@ def test_reference_labels_equal_lit_recover_labels_with_add_eos_token(tokenizer)
     batch["index"] = [0, 1]
     for cutoff in (256, 30):
         ours = tokenize_batch(batch, tokenizer=tokenizer, template=load_template("alpaca"), cutoff_len=cutoff,
-                              train_on_inputs=False, add_eos_token=True)
-        theirs = [ref.tokenize_record(tokenizer, r, cutoff_len=cutoff) for r in RECORDS]
+                              train_on_inputs=False, add_eos_token=add_eos_token)
+        theirs = [ref.tokenize_record(tokenizer, r, cutoff_len=cutoff, add_eos_token=add_eos_token) for r in RECORDS]
         assert ours["input_ids"] == [t["input_ids"] for t in theirs]
         assert ours["labels"] == [t["labels"] for t in theirs]
 
