@@ -74,6 +74,8 @@ class FitSettings:
             reference does (turns the supervised-positions-only lever off, for measuring it).
         padding_free: lit-recover packs each micro-batch into one row with per-sequence position ids
             (``--data.padding_free true``: no compute on padding, the same loss).
+        skip_outputs: lit-recover leaves out the end-of-fit merge and save (``RecoveryOutputs``): for
+            models whose merged copy takes minutes to write (the GPU check's 7B shapes).
     """
 
     model: str
@@ -94,6 +96,7 @@ class FitSettings:
     lit_args: list[str] = field(default_factory=list)
     full_logits: bool = False
     padding_free: bool = False
+    skip_outputs: bool = False
 
 
 # the reference-vs-lit scenarios: name -> what it compares

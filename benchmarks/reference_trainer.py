@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -152,9 +153,19 @@ def tokenize_record(
 
 
 def load_model(path: str) -> tuple[torch.nn.Module, Any]:
-    """``torch.load`` of an LLM-Pruner pickle (runs code named by the file: trusted files only)."""
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    model, tokenizer = obj["model"], obj["tokenizer"]
+    """``torch.load`` of an LLM-Pruner pickle (runs code named by the file: trusted files only).
+
+    A pickle-free pruned folder (``lit_recover.models.folder``) is read by lit-recover's reader
+    instead, giving the same model and tokenizer objects: the GPU check hands both sides one folder
+    rather than writing a multi-GB pickle as well (loading is not timed).
+    """
+    if os.path.isdir(path):
+        from lit_recover.models.load import load_pruned
+
+        model, tokenizer = load_pruned(path, check=False)
+    else:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+        model, tokenizer = obj["model"], obj["tokenizer"]
     tokenizer.pad_token_id = 0  # unk on LLaMA: different from EOS
     tokenizer.padding_side = "left"
     if torch.cuda.is_available():
