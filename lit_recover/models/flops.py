@@ -300,11 +300,11 @@ def matmul_peak_flops(
         "shapes"}``.
     """
     device = torch.device(device)
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)  # drawn where they are used: no host copies
     operands = []
     for i, o in shapes:
-        x = torch.randn(tokens, i, generator=gen).to(device=device, dtype=dtype)
-        w = torch.randn(o, i, generator=gen).to(device=device, dtype=dtype)
+        x = torch.randn(tokens, i, generator=gen, device=device, dtype=dtype)
+        w = torch.randn(o, i, generator=gen, device=device, dtype=dtype)
         operands.append((x, w))
     flops_per_pass = sum(2 * tokens * i * o for i, o in shapes)
 
