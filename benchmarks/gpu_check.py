@@ -93,6 +93,7 @@ class Plan:
     shapes: Shapes
     device: str
     precision: str
+    torch_dtype: str
     matmul_dtype: str
     reference_dtype: str
     steps: int
@@ -112,15 +113,18 @@ class Plan:
 def plan_for(dry_run: bool, steps: int | None = None, batch_size: int | None = None,
              budget_s: float | None = None) -> Plan:
     if dry_run:
-        return Plan(dry_run=True, shapes=TINY, device="cpu", precision="32-true", matmul_dtype="float32",
-                    reference_dtype="float32", steps=steps or 2, skip=1, batch_size=batch_size or 4,
-                    micro_batch_size=2, cutoff_len=128, pruning_ratio=0.2, records=24, output_words=(3, 30),
-                    ppl_limit=2, budget_s=budget_s, peak_repeats=3, peak_min_seconds=0.01)
-    return Plan(dry_run=False, shapes=LLAMA_7B, device="cuda", precision="bf16-mixed", matmul_dtype="bfloat16",
-                reference_dtype="float16", steps=steps or 20, skip=2, batch_size=batch_size or 16,
-                micro_batch_size=4, cutoff_len=256, pruning_ratio=0.2, records=480, output_words=(5, 160),
-                ppl_limit=8, budget_s=420.0 if budget_s is None else budget_s, peak_repeats=7,
-                peak_min_seconds=0.2)
+        return Plan(
+            dry_run=True, shapes=TINY, device="cpu", precision="32-true", torch_dtype="float32",
+            matmul_dtype="float32", reference_dtype="float32", steps=steps or 2, skip=1,
+            batch_size=batch_size or 4, micro_batch_size=2, cutoff_len=128, pruning_ratio=0.2, records=24,
+            output_words=(3, 30), ppl_limit=2, budget_s=budget_s, peak_repeats=3, peak_min_seconds=0.01)
+    # on CUDA what the command line gives by default: bf16-mixed over the base in its stored dtype (bf16)
+    return Plan(
+        dry_run=False, shapes=LLAMA_7B, device="cuda", precision="bf16-mixed", torch_dtype="auto",
+        matmul_dtype="bfloat16", reference_dtype="float16", steps=steps or 20, skip=2,
+        batch_size=batch_size or 16, micro_batch_size=4, cutoff_len=256, pruning_ratio=0.2, records=480,
+        output_words=(5, 160), ppl_limit=8, budget_s=420.0 if budget_s is None else budget_s, peak_repeats=7,
+        peak_min_seconds=0.2)
 
 
 # --- offline inputs: records, a text, a tokenizer -----------------------------------------------
@@ -357,7 +361,8 @@ class Check:
             # the overlay first: a later --config would override what follows it
             lit_args = ["--config", str(SCALE / f"{overlay}.yaml"), "--trainer.devices", "1",
                         "--trainer.accelerator", "gpu" if plan.device == "cuda" else "cpu",
-                        "--trainer.precision", plan.precision, "--model.attn_implementation", "sdpa",
+                        "--trainer.precision", plan.precision, "--model.torch_dtype", plan.torch_dtype,
+                        "--model.attn_implementation", "sdpa",
                         "--trainer.log_every_n_steps", "1"]
         return FitSettings(model=str(self.folder), data=str(self.data), batch_size=plan.batch_size,
                            micro_batch_size=plan.micro_batch_size, cutoff_len=plan.cutoff_len, steps=plan.steps,
