@@ -362,8 +362,7 @@ class Check:
             lit_args = ["--config", str(SCALE / f"{overlay}.yaml"), "--trainer.devices", "1",
                         "--trainer.accelerator", "gpu" if plan.device == "cuda" else "cpu",
                         "--trainer.precision", plan.precision, "--model.torch_dtype", plan.torch_dtype,
-                        "--model.attn_implementation", "sdpa",
-                        "--trainer.log_every_n_steps", "1"]
+                        "--model.attn_implementation", "sdpa"]
         return FitSettings(model=str(self.folder), data=str(self.data), batch_size=plan.batch_size,
                            micro_batch_size=plan.micro_batch_size, cutoff_len=plan.cutoff_len, steps=plan.steps,
                            lit_args=lit_args, padding_free=packed, skip_outputs=True)
