@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lit_recover.distributed import is_sharded, wait_for_rank_zero
+from lit_recover.errors import LitRecoverError
 from lit_recover.outputs import (
     CHECKPOINT_LAST,
     CHECKPOINT_PREFIX,
@@ -27,13 +28,22 @@ from lit_recover.outputs import (
 
 log = logging.getLogger(__name__)
 
+
+class MissingCheckpointError(LitRecoverError, FileNotFoundError):
+    """The checkpoint chosen for the outputs is no longer in the run folder."""
+
+
 class RecoveryCheckpoint(ModelCheckpoint):
     """Adapter-only checkpoints as folders: ``checkpoint-<step>/`` holds ``lightning.ckpt``
     (LoRA weights, optimizer, scheduler, loop and sampler state, RNG) and the PEFT adapter files.
 
     Folders are written to a temporary name and renamed, so a kill mid-save leaves the previous
-    checkpoints whole. With validation, the best ``save_top_k`` by ``val/loss`` are kept; without,
-    the newest ``save_top_k``. ``checkpoint-last/`` always holds the newest state for resuming.
+    checkpoints whole. With validation (which the CLI runs every ``eval_steps`` optimizer steps), a
+    checkpoint is taken when a validation at a multiple of ``save_steps`` ends, scored by its
+    ``val/loss``: the best ``save_top_k`` are kept, and ``validated`` maps every checkpointed step
+    to its score (kept across resumes), the candidates of ``RecoveryOutputs``' best-adapter choice.
+    Without validation, every ``save_steps`` optimizer steps, the newest ``save_top_k`` kept.
+    ``checkpoint-last/`` always holds the newest state for resuming.
     """
 
     FILE_EXTENSION = ""
@@ -53,7 +63,31 @@ class RecoveryCheckpoint(ModelCheckpoint):
             save_on_train_epoch_end=False if validation else None,
             enable_version_counter=False,
         )
+        self.save_steps = int(save_steps)
+        self.validation = bool(validation)
+        self.validated: dict[int, float] = {}
         self.last_step_checkpoint: str | None = None
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.validation:
+            step = int(trainer.global_step)
+            # validations between checkpoints (eval_steps < save_steps) and the sanity check save nothing
+            if trainer.sanity_checking or step == 0 or step % self.save_steps:
+                return
+            score = trainer.callback_metrics.get(self.monitor)
+            if score is not None and self._last_global_step_saved != step:
+                self.validated[step] = float(score)  # before the save: the checkpoint carries it
+        super().on_validation_end(trainer, pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "validated": dict(self.validated)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.validated = {int(k): float(v) for k, v in (state_dict.get("validated") or {}).items()}
 
     @override
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
@@ -86,13 +120,22 @@ class RecoveryCheckpoint(ModelCheckpoint):
 
 
 class RecoveryOutputs(Callback):
-    """At the end of fit: save the adapter, merge it, save the merged model, evaluate.
+    """At the end of fit: choose the adapter, save it, merge it, save the merged model, evaluate.
+
+    The adapter written is, as the Trainer's ``load_best_model_at_end`` with the validation loss as
+    ``metric_for_best_model``, the step checkpoint with the lowest ``val/loss`` among those taken at
+    validated save steps (the earliest of equal ones), loaded into every rank's model before the
+    gather and the merge; the last step's with ``keep_last``, without validation, or when no
+    checkpoint was validated. ``adapter_choice`` (``{"step", "reason", …}``) says which and why, and
+    goes into the results JSON as ``after.model.adapter``.
 
     Writes into ``output_dir``: ``lora_adapter/`` (PEFT ``save_pretrained`` + tokenizer),
     ``pruned_model.bin`` (merged model + tokenizer, LLM-Pruner's pickle), ``pruned_model/`` (the same
     without pickle) and, unless ``skip_evaluation``, ``evaluation/evaluation_results.json`` with the
     pruned model's numbers before training (``evaluate_before``), the recovered model's after, and
-    their deltas. Only rank zero writes or evaluates; the other ranks wait at a barrier.
+    their deltas. The before-training numbers are also written to ``evaluation/before_training.json``
+    when they are measured and read back from there when a run resumes (``--ckpt_path``), so a
+    resumed run reports them too. Only rank zero writes or evaluates; the other ranks wait at a barrier.
 
     Args:
         output_dir: where the outputs go.
@@ -102,6 +145,7 @@ class RecoveryOutputs(Callback):
         before_metrics: metrics of the before-training evaluation (PPL by default: it is cheap; ``[]``
             for none).
         save_pickle_free: also write the pickle-free folder ``pruned_model/``.
+        keep_last: write the last step's adapter instead of the best validated checkpoint's.
     """
 
     def __init__(
@@ -112,6 +156,7 @@ class RecoveryOutputs(Callback):
         evaluate_before: bool = True,
         before_metrics: list[str] | None = None,
         save_pickle_free: bool = True,
+        keep_last: bool = False,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.run = RunFolder(output_dir)
@@ -120,7 +165,9 @@ class RecoveryOutputs(Callback):
         self.evaluate_before = evaluate_before
         self.before_metrics = ["ppl"] if before_metrics is None else list(before_metrics)
         self.save_pickle_free = save_pickle_free
+        self.keep_last = keep_last
         self.before: dict | None = None
+        self.adapter_choice: dict | None = None
         self.incomplete: tuple[dict, Path] | None = None  # evaluation.strict: results that miss a metric
 
     def _eval_config(self, metrics: list[str] | None = None):
@@ -135,23 +182,52 @@ class RecoveryOutputs(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.skip_evaluation or not self.evaluate_before or not self.before_metrics or trainer.ckpt_path:
+        if self.skip_evaluation or not self.evaluate_before or not self.before_metrics:
             return
+        if trainer.ckpt_path:
+            # a resumed run: the numbers measured when the run started (rank zero holds the folder)
+            saved = self._read_before() if trainer.is_global_zero else None
+            if trainer.is_global_zero:
+                self.before = saved
+            if trainer.strategy.broadcast(saved is not None, src=0):
+                return
         # under FSDP2 every forward of the sharded model is a collective: all ranks run the evaluation
         if trainer.is_global_zero or is_sharded(pl_module):
-            from lit_recover.evaluation import evaluate_model
+            from lit_recover.evaluation import evaluate_model, write_results
 
             rank_zero_info("Evaluating the pruned model before recovery …")
+            # the adapter off is the pruned model, also on resume (the checkpoint's adapter is loaded)
             with pl_module.model.disable_adapter():
                 before = evaluate_model(
                     pl_module.model, pl_module.tokenizer, self._eval_config(self.before_metrics), label="pruned"
                 )
             if trainer.is_global_zero:
                 self.before = before
+                write_results(before, self.run.before_training, overwrite=True)
         wait_for_rank_zero("evaluate-before")
+
+    def _read_before(self) -> dict | None:
+        """The before-training results kept in the run folder, or ``None`` (absent or unreadable)."""
+        from lit_recover.evaluation.report import ResultsFileError, read_results
+
+        path = self.run.before_training
+        if not path.is_file():
+            return None
+        try:
+            (_, before), *rest = read_results(path)
+        except (ResultsFileError, ValueError) as exc:
+            log.warning("%s: %s; measuring the pruned model again", path, exc)
+            return None
+        if rest:
+            log.warning("%s: holds before/after results, not the before-training ones; measuring again", path)
+            return None
+        rank_zero_info(f"Before-training numbers from {path}")
+        return before
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the best checkpoint's adapter into every rank's model first (a broadcast from rank zero)
+        self.adapter_choice = self._choose_adapter(trainer, pl_module)
         # under FSDP2 gathering the adapter and the merged model are collectives: every rank calls them
         adapter = pl_module.gather_adapter() if hasattr(pl_module, "gather_adapter") else None
         if trainer.is_global_zero:
@@ -167,6 +243,51 @@ class RecoveryOutputs(Callback):
             from lit_recover.evaluation import raise_if_missing
 
             raise_if_missing(*self.incomplete)
+
+    def _choose_adapter(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Which step's adapter the outputs get, and why; loads it into ``pl_module`` when it is not
+        the model at hand. Call it on every rank (``validated`` is the same on all of them)."""
+        step = int(trainer.global_step)
+        checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, RecoveryCheckpoint)]
+        checkpoint = checkpoints[0] if checkpoints else None
+        if self.keep_last:
+            choice = {"step": step, "reason": "keep_last: the last step"}
+        elif checkpoint is None or not checkpoint.validation:
+            choice = {"step": step, "reason": "no validation: the last step"}
+        elif not checkpoint.validated:
+            choice = {"step": step, "reason": f"no validated checkpoint (save_steps {checkpoint.save_steps}): "
+                                              "the last step"}
+        else:
+            scores = checkpoint.validated
+            best = min(scores, key=lambda s: (scores[s], s))  # the earliest of equal scores, as the Trainer
+            steps = ", ".join(str(s) for s in sorted(scores))
+            choice = {"step": best, "reason": f"best val/loss {scores[best]:.6g} of checkpoints {steps}",
+                      "val_loss": {str(s): scores[s] for s in sorted(scores)}}
+            if best != step:
+                folder = RunFolder(checkpoint.dirpath).checkpoint(best)
+                choice["checkpoint"] = folder.name
+                self._load_adapter(trainer, pl_module, folder)
+        rank_zero_info(f"Writing the adapter of step {choice['step']}: {choice['reason']}")
+        return choice
+
+    @staticmethod
+    def _load_adapter(trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> None:
+        """Rank zero reads ``folder``'s adapter and broadcasts it; every rank loads it."""
+        from peft.utils import SAFETENSORS_WEIGHTS_NAME
+
+        state: dict | str | None = None
+        if trainer.is_global_zero:
+            path = folder / SAFETENSORS_WEIGHTS_NAME
+            if path.is_file():
+                from safetensors.torch import load_file
+
+                state = load_file(str(path))
+            else:  # told to every rank, so that none waits for a broadcast that never comes
+                state = f"{path}: the best checkpoint's adapter is missing; pass --keep_last true to write the last step"
+        state = trainer.strategy.broadcast(state, src=0)
+        if isinstance(state, str):
+            raise MissingCheckpointError(state)
+        pl_module.load_adapter_state(state)
 
     def _write_adapter(self, pl_module: L.LightningModule, adapter: dict | None = None) -> None:
         with atomic_dir(self.run.adapter) as tmp:
@@ -200,6 +321,8 @@ class RecoveryOutputs(Callback):
             merged = pl_module.for_evaluation(merged)
         rank_zero_info("Evaluating the recovered model …")
         after = evaluate_model(merged, tokenizer, self._eval_config(), label="recovered")
+        if self.adapter_choice is not None:  # which step's adapter was measured, and why
+            after["model"]["adapter"] = dict(self.adapter_choice)
         results = with_deltas(self.before, after) if self.before is not None else after
         path = write_results(results, self.run.evaluation, overwrite=True)
         rank_zero_info(f"Wrote {path}")

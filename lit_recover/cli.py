@@ -1,7 +1,8 @@
 """``RecoveryCLI``: LightningCLI with the recovery job's top-level options.
 
 Top-level keys (beside ``model``, ``data`` and ``trainer``): ``output_dir``, ``overwrite``,
-``skip_evaluation``, ``before_metrics``, ``evaluation``, ``wandb_project``, ``save_steps``, ``save_total_limit``. Derived
+``skip_evaluation``, ``before_metrics``, ``evaluation``, ``wandb_project``, ``eval_steps``, ``save_steps``,
+``save_total_limit``, ``keep_last``. Derived
 for you: gradient accumulation (``batch_size / (micro_batch_size × world size)``), precision and
 the frozen base's dtype (:func:`default_precision`, :func:`default_torch_dtype`: a bfloat16 base
 without autocast on CPUs with native bf16, float32 on other CPUs, the stored dtype under a matching
@@ -64,6 +65,18 @@ def gradient_accumulation(batch_size: int, micro_batch_size: int, world: int) ->
             f"× world size {world} = {per_step}"
         )
     return batch_size // per_step
+
+
+def check_step_intervals(eval_steps: int, save_steps: int, validation: bool) -> None:
+    """Both at least 1; with validation, checkpoints are taken at validated steps, so ``save_steps``
+    is a multiple of ``eval_steps`` (the Trainer's rule for ``load_best_model_at_end``)."""
+    if eval_steps < 1 or save_steps < 1:
+        raise ConfigError(f"eval_steps {eval_steps} and save_steps {save_steps} must be at least 1")
+    if validation and save_steps % eval_steps:
+        raise ConfigError(
+            f"save_steps {save_steps} is not a multiple of eval_steps {eval_steps}: checkpoints are taken at "
+            "validated steps (set --eval_steps to a divisor of --save_steps, or --data.val_set_size 0)"
+        )
 
 
 def _on_cuda(accelerator: str) -> bool:
@@ -198,10 +211,14 @@ class RecoveryCLI(LightningCLI):
                             help="Metrics of the pruned model measured before training (default [ppl]; [] for none).")
         parser.add_argument("--wandb_project", type=str | None, default=None,
                             help="Log to Weights & Biases under this project (offline without credentials).")
+        parser.add_argument("--eval_steps", type=int, default=100,
+                            help="Validate every N optimizer steps (when there are validation records).")
         parser.add_argument("--save_steps", type=int, default=200,
-                            help="Validate and checkpoint every N optimizer steps.")
+                            help="Checkpoint every N optimizer steps; with validation a multiple of eval_steps.")
         parser.add_argument("--save_total_limit", type=int, default=3,
                             help="Keep this many step checkpoints (the best by val/loss, else the newest).")
+        parser.add_argument("--keep_last", type=bool, default=False,
+                            help="Write the last step's adapter, not the checkpoint with the best val/loss.")
         try:
             from lit_recover.evaluation import EvalConfig
         except ImportError:  # evaluation extras absent
@@ -251,9 +268,12 @@ class RecoveryCLI(LightningCLI):
         trainer.default_root_dir = str(out)
         if trainer.get("logger") in (None, True):
             trainer.logger = self._logger_config(cfg, out)
-        if cfg.data.get("val_set_size", 0) and trainer.get("val_check_interval") is None:
-            # validate (and checkpoint) every save_steps optimizer steps, across epoch boundaries
-            trainer.val_check_interval = cfg.save_steps * trainer.accumulate_grad_batches
+        validation = bool(cfg.data.get("val_set_size", 0))
+        check_step_intervals(cfg.get("eval_steps", 100), cfg.save_steps, validation)
+        if validation and trainer.get("val_check_interval") is None:
+            # validate every eval_steps optimizer steps, across epoch boundaries; checkpoints are taken
+            # at the validations of every save_steps-th step
+            trainer.val_check_interval = cfg.get("eval_steps", 100) * trainer.accumulate_grad_batches
             trainer.check_val_every_n_epoch = None
         if sub == "fit":
             self._check_output_dir(cfg, out)
@@ -350,6 +370,7 @@ class RecoveryCLI(LightningCLI):
                 skip_evaluation=cfg.skip_evaluation,
                 evaluation=self._get(self.config_init, "evaluation"),
                 before_metrics=cfg.get("before_metrics"),
+                keep_last=bool(cfg.get("keep_last", False)),
             ))
             if trainer_cfg.get("logger"):
                 callbacks.append(LearningRateMonitor(logging_interval="step"))

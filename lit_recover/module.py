@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -36,6 +37,29 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(LitRecoverError, RuntimeError):
     """The training loss became NaN or inf."""
+
+class LossWeightingError(LitRecoverError, ValueError):
+    """``loss_weighting`` cannot be served by this data module."""
+
+
+def _supervised_targets(labels: Any) -> int:
+    """Positions a causal LM predicts from one sequence's labels: not ``IGNORE_INDEX``, position 0
+    excluded (the shift). The count the padding and packing collators both give, and the one
+    transformers' Trainer puts in ``num_items_in_batch`` (``labels[..., 1:]`` in 5.x)."""
+    return int(np.count_nonzero(np.asarray(labels[1:]) != IGNORE_INDEX))
+
+
+def _items(dataset: Any, indices: list[int]) -> list[dict[str, Any]]:
+    fetch = getattr(dataset, "__getitems__", None)
+    return list(fetch(indices)) if fetch is not None else [dataset[i] for i in indices]
+
+
+def _adapter_key(name: str, model: torch.nn.Module) -> str:
+    """The key of parameter ``name`` in PEFT's saved adapter: the adapter's name taken out
+    (``….lora_A.default.weight`` → ``….lora_A.weight``), as ``get_peft_model_state_dict`` does."""
+    adapter = getattr(model, "active_adapter", "default")
+    return name.replace(f".{adapter}", "")
+
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "up_proj"]
 
@@ -136,6 +160,12 @@ class LoRARecoveryModule(L.LightningModule):
             process after the first step (a fraction of a second).
         nonfinite_loss: on a NaN/inf training loss, ``stop`` the run with a message naming the step
             and the last good checkpoint, or ``skip`` the micro-batch and count it (``train/skipped_batches``).
+        loss_weighting: how the micro-batches of one optimizer step (accumulation window, all ranks)
+            are weighted. ``tokens`` (default): the sum of the window's token NLLs divided by its
+            supervised tokens, as transformers >= 4.46's Trainer (``num_items_in_batch``, summed
+            over ranks); the gradient equals that of one batch holding the whole window.
+            ``micro_batch_mean``: the mean of the micro-batch means, as transformers < 4.46 and
+            Lightning's own accumulation.
     """
 
     def __init__(
@@ -157,6 +187,7 @@ class LoRARecoveryModule(L.LightningModule):
         attn_implementation: str | None = None,
         peak_flops: float | None = None,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
+        loss_weighting: Literal["tokens", "micro_batch_mean"] = "tokens",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -176,6 +207,9 @@ class LoRARecoveryModule(L.LightningModule):
         self._flop_model: LoRATrainingFlops | None = None
         self._peak: float | None = peak_flops
         self.skipped_batches = 0
+        # loss_weighting tokens: the epoch's batch plan, and the supervised tokens per rank of the window's steps
+        self._epoch_plan: tuple[Any, list[list[int]]] | None = None
+        self._window_plan: tuple[Any, dict[int, list[int]]] | None = None
         self._sharded: ShardedModel | None = None  # set by configure_model under FSDP2
         self._log_parameter_counts()
 
@@ -282,6 +316,7 @@ class LoRARecoveryModule(L.LightningModule):
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         loss, n = self.supervised_loss(batch)
+        self._step_targets = n
         positions = batch.get("position_ids")  # a packed row holds several sequences
         bsz = int((positions == 0).sum()) if positions is not None else batch["input_ids"].shape[0]
         if stage == "train":
@@ -304,7 +339,7 @@ class LoRARecoveryModule(L.LightningModule):
             # the others waiting in the gradient all-reduce
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
-            return loss
+            return self._window_weighted(loss, self._step_targets, batch_idx)
         if self.hparams.nonfinite_loss == "skip":
             # returning None skips backward for this micro-batch; nothing reaches the weights
             self.skipped_batches += 1
@@ -320,6 +355,76 @@ class LoRARecoveryModule(L.LightningModule):
             f"last good checkpoint: {self._last_checkpoint() or 'none yet'}. "
             "Lower the learning rate, use bf16 or fp32 instead of fp16, or set --model.nonfinite_loss skip"
         )
+
+    # --- accumulation weighting ----------------------------------------------------------------
+    def _window_weighted(self, loss: torch.Tensor, n: int, batch_idx: int) -> torch.Tensor:
+        """The loss to backpropagate for this micro-batch under ``loss_weighting``.
+
+        ``tokens``: ``sum of its token NLLs × k × world / N``, where ``N`` counts the supervised
+        tokens of the whole accumulation window on every rank. Lightning divides what a step returns
+        by ``k`` (``accumulate_grad_batches``) and DDP/FSDP2 average gradients over ``world`` ranks,
+        so the gradient applied is the window's token-weighted mean NLL: that of one batch holding
+        all its micro-batches. ``micro_batch_mean``: the micro-batch mean as it is.
+        """
+        if self.hparams.loss_weighting == "micro_batch_mean" or self._trainer is None:
+            return loss
+        trainer = self.trainer
+        k = int(trainer.accumulate_grad_batches)
+        window = self._window_targets(batch_idx)
+        if window is not None:
+            mine, total, world = window
+            if mine != n:
+                raise RuntimeError(
+                    f"micro-batch {batch_idx}: {n} supervised tokens, but the sampler's plan gives it {mine}; "
+                    "a collator that changes labels needs --model.loss_weighting micro_batch_mean"
+                )
+        elif k == 1:  # no look-ahead needed: the window is this micro-batch on every rank
+            world = int(trainer.world_size)
+            total = int(trainer.strategy.reduce(torch.tensor(float(n), device=loss.device), reduce_op="sum").item())
+        else:
+            raise LossWeightingError(
+                "--model.loss_weighting tokens needs the supervised tokens of a whole accumulation window ahead: "
+                "a data module with a ShardedBatchSampler (train_sampler) and its train_dataset; "
+                "use --model.loss_weighting micro_batch_mean with another data module"
+            )
+        return loss * (n * k * world / max(total, 1))
+
+    def _window_targets(self, batch_idx: int) -> tuple[int, int, int] | None:
+        """``(this micro-batch's supervised tokens, the window's on all ranks, world size)`` from the
+        data module's batch plan, or ``None`` when the data module has none.
+
+        Lightning steps the optimizer after every ``k`` micro-batches of an epoch and after its last
+        one, so window ``w`` holds the epoch's micro-batches ``w·k … w·k + k - 1``; the sampler's plan
+        gives every rank's indices of each of them, and the dataset their labels.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None)
+        sampler = getattr(datamodule, "train_sampler", None)
+        dataset = getattr(datamodule, "train_dataset", None)
+        if sampler is None or dataset is None or not hasattr(sampler, "plan"):
+            return None
+        k = int(self.trainer.accumulate_grad_batches)
+        world, rank = int(sampler.world_size), int(sampler.rank)
+        batches = len(sampler)
+        if isinstance(self.trainer.num_training_batches, int):
+            batches = min(batches, self.trainer.num_training_batches)
+        start = (batch_idx // k) * k
+        key = (id(sampler), sampler.epoch, start)
+        if self._window_plan is None or self._window_plan[0] != key:
+            if self._epoch_plan is None or self._epoch_plan[0] != key[:2]:
+                self._epoch_plan = (key[:2], sampler.plan(sampler.epoch))
+            plan = self._epoch_plan[1]
+            counts: dict[int, list[int]] = {}
+            for step in range(start, min(start + k, batches)):
+                per_rank = [plan[step * world + r] for r in range(world)]
+                items = _items(dataset, [i for indices in per_rank for i in indices])
+                targets = [_supervised_targets(item["labels"]) for item in items]
+                bounds = np.cumsum([0, *map(len, per_rank)])
+                counts[step] = [int(sum(targets[bounds[r]:bounds[r + 1]])) for r in range(world)]
+            self._window_plan = (key, counts)
+        counts = self._window_plan[1]
+        if batch_idx not in counts:
+            return None
+        return counts[batch_idx][rank], sum(sum(c) for c in counts.values()), world
 
     def _last_checkpoint(self) -> str | None:
         callback = getattr(self.trainer, "checkpoint_callback", None) if self._trainer is not None else None
@@ -417,6 +522,31 @@ class LoRARecoveryModule(L.LightningModule):
         Under FSDP2 pass ``state_dict=self.gather_adapter()`` (gathered on every rank first).
         """
         self.model.save_pretrained(path, state_dict=state_dict)
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Set this rank's LoRA tensors from a PEFT adapter state dict (the keys of
+        ``adapter_model.safetensors``, as ``save_adapter`` writes them).
+
+        Every rank passes the full tensors; under FSDP2 each keeps its own shard of them. Every
+        adapter tensor must be present with its shape.
+        """
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        names = {n: _adapter_key(n, self.model) for n in params}
+        missing = sorted(key for key in names.values() if key not in state)
+        if missing:
+            raise ValueError(f"adapter lacks {len(missing)} of {len(names)} LoRA tensors (e.g. {missing[0]})")
+        with torch.no_grad():
+            for name, p in params.items():
+                full = state[names[name]]
+                if tuple(full.shape) != tuple(p.shape):
+                    raise ValueError(f"{names[name]}: shape {tuple(full.shape)}, the model has {tuple(p.shape)}")
+                if isinstance(p, DTensor):
+                    full = full.to(device=p.device_mesh.device_type, dtype=p.dtype)
+                    p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
+                else:
+                    p.copy_(full.to(device=p.device, dtype=p.dtype))
 
     def merged_model(self) -> torch.nn.Module | None:
         """Fold the LoRA weights into the base weights and return the plain model, in the stored dtype.

@@ -44,3 +44,32 @@ class NanLossAtBatch(L.Callback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+
+class ScrambleAtStep(L.Callback):
+    """Shift every adapter tensor by ``shift`` once, at the start of optimizer step ``step``: the
+    validation losses after it are far worse than before (a stand-in for a run that diverges late).
+    No random draw (the run's RNG stream stays as it was) and sharded (FSDP2) tensors work too."""
+
+    def __init__(self, step: int, shift: float = 0.5) -> None:
+        self.step = step
+        self.shift = shift
+        self.done = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not self.done:
+            self.done = True
+            with torch.no_grad():
+                for name, p in pl_module.named_parameters():
+                    if "lora_" in name:
+                        p.add_(torch.ones_like(p), alpha=self.shift)
+
+
+class StopBeforeTraining(L.Callback):
+    """Keep what fit built (optimizer, scheduler config, step count) and end the fit before its first step."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.optimizer = trainer.optimizers[0]
+        self.scheduler = trainer.lr_scheduler_configs[0]
+        self.total_steps = trainer.estimated_stepping_batches
+        trainer.should_stop = True

@@ -68,13 +68,35 @@ def test_lean_lora_equals_peft(dropout):
         assert ref_grads.keys() == lean_grads.keys()
         for name in ref_grads:
             torch.testing.assert_close(lean_grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
-    # and the generator is left where the reference leaves it
-    torch.manual_seed(3)
-    reference(input_ids=ids)
-    after_ref = torch.rand(1)
-    torch.manual_seed(3)
-    lean(input_ids=ids)
-    assert torch.equal(torch.rand(1), after_ref)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_lean_lora_draws_one_mask_per_adapted_layer(dropout):
+    """The global generator advances by exactly one ``torch.rand`` of its input's shape per adapted
+    layer that drops (training, p > 0), in the order the layers run, and not at all otherwise: the
+    draws activation checkpointing replays and resuming restores. Replayed by hand from the recorded
+    input shapes, the next draw after the forward pass matches only if nothing else was drawn."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    lean = _peft_model(dropout)
+    use_lean_lora(lean)
+    shapes: list[torch.Size] = []
+    for layer in lean.modules():
+        if type(layer) is LoraLinear:
+            layer.register_forward_pre_hook(lambda mod, args: shapes.append(args[0].shape))
+    ids = torch.randint(3, 300, (2, 9))
+    for training in (True, False):
+        lean.train(training)
+        shapes.clear()
+        torch.manual_seed(3)
+        lean(input_ids=ids)
+        after = torch.rand(8)
+        assert len(shapes) == 4 * 7  # every adapted projection ran once
+        torch.manual_seed(3)
+        if training and dropout > 0:
+            for shape in shapes:
+                torch.rand(shape)
+        assert torch.equal(torch.rand(8), after), (training, dropout)
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])
