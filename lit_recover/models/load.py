@@ -42,11 +42,12 @@ def _checkpoint_parts(path: Path, obj: object) -> tuple[object, object]:
     return obj["model"], obj["tokenizer"]
 
 
-def _load_pickle_trusted(path: Path) -> tuple[nn.Module, object]:
+def _load_pickle_trusted(path: Path, mmap: bool = False) -> tuple[nn.Module, object]:
     log.warning("%s: trust_pickle=True: unpickling runs whatever code the file names", path)
+    mmap = mmap and zipfile.is_zipfile(path)  # a legacy (pre-zip) file cannot be mapped
     try:
         # weights_only=False runs code named by the pickle: the file must be trusted.
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except (ModuleNotFoundError, AttributeError) as exc:
         raise PrunedModelError(
             f"{path}: the pickle refers to code that is not importable here ({exc}); "
@@ -60,12 +61,12 @@ def _load_pickle_trusted(path: Path) -> tuple[nn.Module, object]:
     return model, tokenizer
 
 
-def _load_pickle_safe(path: Path) -> tuple[nn.Module, object]:
+def _load_pickle_safe(path: Path, mmap: bool = False) -> tuple[nn.Module, object]:
     from lit_recover.models.rebuild import RebuildError, rebuild_model, rebuild_tokenizer
     from lit_recover.models.safe_pickle import UnsafePickleError, safe_load
 
     try:
-        obj, recorded = safe_load(path)
+        obj, recorded = safe_load(path, mmap=mmap)
     except UnsafePickleError as exc:
         raise PrunedModelError(f"{path}: {exc}") from exc
     except (OSError, zipfile.BadZipFile) as exc:
@@ -158,6 +159,7 @@ def read_model(
     *,
     dtype: DtypeChoice = None,
     trust_pickle: bool = False,
+    mmap: bool = False,
 ) -> tuple[nn.Module, object]:
     """Read a model and tokenizer as stored, without the training preparation of :func:`load_pruned`.
 
@@ -166,6 +168,10 @@ def read_model(
         dtype: cast the model's parameters to this dtype (``"float32"``, ``"bfloat16"``, …; see
             :func:`cast_parameters`), or to what ``dtype(stored dtype)`` returns; ``None`` keeps it.
         trust_pickle: unpickle a pickle as written (runs code it names) instead of rebuilding it safely.
+        mmap: the weights of a pickle stay in a copy-on-write memory map of the file (read when first
+            touched, their pages shared by every process of the machine that maps the file) instead of
+            being read into process memory; a pruned folder's safetensors are mapped either way.
+            Weights cast to another ``dtype`` are copies in process memory all the same.
     """
     choose = dtype if callable(dtype) and not isinstance(dtype, torch.dtype) else None
     if choose is None and dtype is not None:
@@ -175,7 +181,7 @@ def read_model(
     p = Path(path)
     source = str(path)
     if p.is_file():
-        model, tokenizer = _load_pickle_trusted(p) if trust_pickle else _load_pickle_safe(p)
+        model, tokenizer = _load_pickle_trusted(p, mmap) if trust_pickle else _load_pickle_safe(p, mmap)
     elif p.is_dir():
         from lit_recover.models.folder import is_pruned_folder, load_pruned_folder
 
@@ -202,6 +208,7 @@ def load_pruned(
     dtype: DtypeChoice = None,
     check: bool = True,
     trust_pickle: bool = False,
+    mmap: bool = False,
 ) -> tuple[nn.Module, object]:
     """Load a pruned model and its tokenizer, ready for training.
 
@@ -215,12 +222,14 @@ def load_pruned(
         trust_pickle: unpickle a pickle with ``torch.load(weights_only=False)``, running the code it
             names and needing every class it names importable. The default reads it without running
             anything and rebuilds the model with the installed transformers.
+        mmap: keep a pickle's weights in a copy-on-write memory map of the file (see :func:`read_model`):
+            the ranks of one machine then share one copy of them in the page cache.
 
     Returns:
         ``(model, tokenizer)``: the model in train mode, the tokenizer with a pad token.
     """
     source = str(path)
-    model, tokenizer = read_model(path, dtype=dtype, trust_pickle=trust_pickle)
+    model, tokenizer = read_model(path, dtype=dtype, trust_pickle=trust_pickle, mmap=mmap)
     prepare_tokenizer(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id

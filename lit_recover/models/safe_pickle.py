@@ -15,7 +15,10 @@ A pickle is a small program: ``GLOBAL`` imports a name, ``REDUCE`` calls it, ``B
   ``os.system("...")`` therefore reads back as an inert record of class ``os.system``.
 
 Tensor data is read straight from the zip archive (``<archive>/data.pkl`` + ``<archive>/data/<key>``),
-so ``torch.load`` and its TorchScript and legacy code paths are never entered.
+so ``torch.load`` and its TorchScript and legacy code paths are never entered. With ``mmap=True`` the
+tensors are views of a copy-on-write memory map of the file instead of copies in process memory, as
+``torch.load(mmap=True)`` gives them: the pages are read from the page cache when first touched, and
+the processes of one machine that map the same file share them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import _compat_pickle
 import collections
 import io
 import logging
+import mmap as _mmap
 import pickle
+import struct
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -378,11 +383,27 @@ def _archive_prefix(names: list[str]) -> str:
     return pkl[0][: -len("data.pkl")]
 
 
-def safe_load(path: str | Path) -> tuple[Any, set[str]]:
+def _member_offset(fh: Any, info: zipfile.ZipInfo) -> int | None:
+    """Where the bytes of an uncompressed zip member start in the file; ``None`` for a compressed one."""
+    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+        return None
+    fh.seek(info.header_offset)
+    header = fh.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise UnsafePickleError(f"{info.filename}: no local zip header where the directory says")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])  # the local header's own lengths
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def safe_load(path: str | Path, *, mmap: bool = False) -> tuple[Any, set[str]]:
     """Read a ``torch.save`` zip checkpoint into tensors, plain containers and inert records.
 
     Args:
         path: the checkpoint file.
+        mmap: give the tensors storage in a copy-on-write memory map of the file (nothing read
+            until touched, pages shared by the processes that map the file, writes private to the
+            process) instead of reading them into memory. Members that are stored compressed are
+            read as usual.
 
     Returns:
         ``(object, recorded)``: the unpickled object tree and the class paths that became records.
@@ -397,7 +418,12 @@ def safe_load(path: str | Path) -> tuple[Any, set[str]]:
             "not a torch zip checkpoint (torch.save since torch 1.6); a legacy or non-torch file can only be "
             "read by trusting it (trust_pickle=True)"
         )
-    with zipfile.ZipFile(path) as zf:
+    mapped: _mmap.mmap | None = None
+    if mmap and path.stat().st_size:
+        with path.open("rb") as fh:
+            # ACCESS_COPY: MAP_PRIVATE, as torch.load(mmap=True); writable views, the file never written
+            mapped = _mmap.mmap(fh.fileno(), 0, access=_mmap.ACCESS_COPY)
+    with zipfile.ZipFile(path) as zf, path.open("rb") as raw:
         names = zf.namelist()
         prefix = _archive_prefix(names)
         if f"{prefix}constants.pkl" in names:
@@ -416,6 +442,12 @@ def safe_load(path: str | Path) -> tuple[Any, set[str]]:
                 raise UnsafePickleError(f"storage {key} holds {info.file_size} bytes, its reference says {expected}")
             if not expected:
                 return torch.UntypedStorage(0)
+            start = _member_offset(raw, info) if mapped is not None else None
+            if start is not None:
+                if start + expected > len(mapped):
+                    raise UnsafePickleError(f"storage {key} runs past the end of the file")
+                # a view of the map; the tensor keeps the map alive
+                return torch.frombuffer(mapped, dtype=torch.uint8, count=expected, offset=start).untyped_storage()
             buf = bytearray(expected)
             with zf.open(info) as fh:
                 if fh.readinto(buf) != expected:

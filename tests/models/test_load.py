@@ -62,9 +62,10 @@ def test_signature_is_backward_compatible():
     import inspect
 
     params = inspect.signature(load_pruned).parameters
-    assert list(params) == ["path", "dtype", "check", "trust_pickle"]
-    assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY for n in ("dtype", "check", "trust_pickle"))
+    assert list(params) == ["path", "dtype", "check", "trust_pickle", "mmap"]
+    assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY for n in ("dtype", "check", "trust_pickle", "mmap"))
     assert params["trust_pickle"].default is False and params["check"].default is True
+    assert params["mmap"].default is False  # weights read into memory unless asked
 
 
 def test_default_path_never_calls_torch_load(tiny_pruned_path, monkeypatch):
