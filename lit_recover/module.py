@@ -146,6 +146,13 @@ class LoRARecoveryModule(L.LightningModule):
             gradients for the same dropout masks, with less activation memory and faster mask draws
             (``false``: PEFT's forward). Not used under autocast (mixed precision): PEFT's path runs.
         trust_pickle: load the pickle with plain ``torch.load`` (executes code named by the file).
+        mmap_weights: keep the pickle's weights in a copy-on-write memory map of the file instead of
+            reading them into process memory (``lit_recover.models.load.read_model``): the processes
+            of one machine share one copy in the page cache, and under FSDP2 each rank's process
+            memory ends up holding only its shard of the frozen base, not a whole model per rank.
+            The values are the same either way; a base cast to another dtype (``torch_dtype``) is a
+            copy in process memory all the same. ``false``: read the weights into memory (a file
+            that may be rewritten in place during the run).
         torch_dtype: dtype of the frozen base weights: ``float32``, ``bfloat16``, ``float16``,
             ``float64``; ``stored`` (as the file holds them); ``auto`` (the stored dtype where this
             machine computes in it, else the closest one it does: ``lit_recover.hardware.base_dtype``);
@@ -183,6 +190,7 @@ class LoRARecoveryModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         lean_lora: bool = True,
         trust_pickle: bool = False,
+        mmap_weights: bool = True,
         torch_dtype: str | None = None,
         attn_implementation: str | None = None,
         peak_flops: float | None = None,
@@ -197,7 +205,7 @@ class LoRARecoveryModule(L.LightningModule):
         self.strict_loading = False
 
         base, self.tokenizer, self.stored_dtype = self._load_base(
-            pruned_model, trust_pickle, torch_dtype, attn_implementation
+            pruned_model, trust_pickle, torch_dtype, attn_implementation, mmap=mmap_weights
         )
         self.model = self._wrap_lora(base)
         self.val_nll = MeanMetric()
@@ -216,7 +224,7 @@ class LoRARecoveryModule(L.LightningModule):
     # --- setup -----------------------------------------------------------------------------
     @staticmethod
     def _load_base(path: str, trust_pickle: bool, torch_dtype: str | None, attn_implementation: str | None,
-                   ) -> tuple[torch.nn.Module, Any, torch.dtype]:
+                   mmap: bool = False) -> tuple[torch.nn.Module, Any, torch.dtype]:
         """``(model, tokenizer, stored dtype)``: the model cast to the base dtype ``torch_dtype`` names."""
         stored: list[torch.dtype] = []
 
@@ -225,6 +233,8 @@ class LoRARecoveryModule(L.LightningModule):
             return resolve_base_dtype(torch_dtype, dtype)
 
         kwargs: dict[str, Any] = {"dtype": choose}
+        if mmap:
+            kwargs["mmap"] = True
         if trust_pickle:
             kwargs["trust_pickle"] = True
         model, tokenizer = load_pruned(path, **kwargs)
@@ -569,7 +579,11 @@ class LoRARecoveryModule(L.LightningModule):
         if self._sharded is not None:
             if exact:
                 merged = gather_merged(self.model, self._sharded)
-                return cast_parameters(merged, self.stored_dtype) if merged is not None else None
+                if merged is None:
+                    return None
+                if self.hparams.gradient_checkpointing:
+                    _drop_checkpointing_settings(merged)  # the skeleton copied the hooks, which do not pickle
+                return cast_parameters(merged, self.stored_dtype)
             tensors = gather_trainable(self.model)  # a collective; the full adapter on rank zero
             return self._merge_into_reloaded(tensors) if tensors else None
         if not exact:
