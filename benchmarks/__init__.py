@@ -7,5 +7,6 @@
 - ``common``: paths, the hardware record, the records subset, names and commands of results;
 - ``bench_fit`` (the training benchmark) and ``fit_workers`` (its measured runs, one per process);
 - ``bench_ppl``: the perplexity benchmark;
+- ``bench_fsdp_load`` and ``fsdp_load_worker`` (one rank): host memory of FSDP2 ranks while loading;
 - ``reference_trainer``: the reference recipe (transformers ``Trainer`` + PEFT LoRA).
 """
