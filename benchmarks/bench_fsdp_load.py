@@ -262,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for arm in ARMS:
                 ranks = run_ranks(path, args.world, mmap=arm == "after", out_dir=work / "runs" / f"{fmt}-{arm}",
                                   timeout=args.timeout, warmup=warmup)
+                for r in ranks:  # a built model lies in a temporary folder: its name only
+                    r["model"] = args.model if args.model else path.name
                 formats[fmt][arm] = {"ranks": ranks, "summary": summarize(ranks)}
                 s = formats[fmt][arm]["summary"]
                 print(f"{fmt} {arm}: peak anonymous growth summed over {args.world} ranks "
