@@ -323,6 +323,11 @@ class RecoveryOutputs(Callback):
         after = evaluate_model(merged, tokenizer, self._eval_config(), label="recovered")
         if self.adapter_choice is not None:  # which step's adapter was measured, and why
             after["model"]["adapter"] = dict(self.adapter_choice)
+        summary = getattr(pl_module, "training_summary", None)
+        if summary is not None:  # wall time, steps and tokens of the fit: runs compared at equal time
+            from lit_recover.evaluation.report import training_record
+
+            after["training"] = training_record(**summary)
         results = with_deltas(self.before, after) if self.before is not None else after
         path = write_results(results, self.run.evaluation, overwrite=True)
         rank_zero_info(f"Wrote {path}")

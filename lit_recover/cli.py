@@ -281,12 +281,23 @@ class RecoveryCLI(LightningCLI):
 
     @staticmethod
     def _check_inputs(cfg: Any) -> None:
-        """Before any model is loaded: the pruned model (a local path) exists, the data file exists and parses."""
+        """Before any model is loaded: the pruned model and the teacher (local paths; ``auto``: its
+        pruning report and the base it names) exist, the distillation numbers are usable, the data file
+        exists and parses."""
         from lit_recover.data.records import is_local_path, load_records
+        from lit_recover.module import SMOLLM2, check_distillation_settings, teacher_source
 
         model_path = cfg.model.get("pruned_model")
         if model_path and _is_local_model_path(model_path) and not Path(model_path).exists():
             raise ConfigError(f"{model_path}: no such file or folder (--model.pruned_model)")
+        teacher = cfg.model.get("teacher")
+        if teacher:
+            check_distillation_settings(cfg.model.get("kd_ratio", 0.5), cfg.model.get("kd_temperature", 1.0),
+                                        cfg.model.get("kd_hidden_weight", 0.0))
+            source = teacher_source(teacher, model_path) if model_path else teacher
+            if source != SMOLLM2 and _is_local_model_path(source) and not Path(source).exists():
+                named = "" if source == teacher else f" (the base recorded for {model_path})"
+                raise ConfigError(f"{source}: no such file or folder (--model.teacher{named})")
         data = cfg.get("data") or {}
         data_path = data.get("data_path")
         if data_path and is_local_path(data_path):

@@ -15,6 +15,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -27,6 +28,7 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lit_recover.data import IGNORE_INDEX
+from lit_recover.distill import DistillLoss, KDLoss, KDPositions
 from lit_recover.distributed import ShardedModel, gather_merged, gather_trainable, shard_lora_model
 from lit_recover.errors import LitRecoverError
 from lit_recover.lora import use_lean_lora
@@ -40,6 +42,10 @@ class NonFiniteLossError(LitRecoverError, RuntimeError):
 
 class LossWeightingError(LitRecoverError, ValueError):
     """``loss_weighting`` cannot be served by this data module."""
+
+
+class TeacherMismatchError(LitRecoverError, ValueError):
+    """A teacher whose vocabulary, special tokens or (for the hidden-state loss) layers differ from the student's."""
 
 
 def _supervised_targets(labels: Any) -> int:
@@ -126,6 +132,77 @@ def _merge(weight: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> tor
     return (weight.to(work) + delta.to(weight.device, work)).to(dtype)
 
 
+# --- distillation: the teacher ------------------------------------------------------------------
+SMOLLM2 = "smollm2"  # the pruner's name for the packaged SmolLM2-135M-Instruct
+
+
+def check_distillation_settings(kd_ratio: float, kd_temperature: float, kd_hidden_weight: float) -> None:
+    """The distillation numbers are usable: ``kd_ratio`` in [0, 1], a positive temperature, a hidden weight ≥ 0."""
+    from lit_recover.errors import ConfigError
+
+    if not 0.0 <= kd_ratio <= 1.0:
+        raise ConfigError(f"--model.kd_ratio {kd_ratio}: must lie in [0, 1]")
+    if not kd_temperature > 0:
+        raise ConfigError(f"--model.kd_temperature {kd_temperature}: must be positive")
+    if not kd_hidden_weight >= 0:
+        raise ConfigError(f"--model.kd_hidden_weight {kd_hidden_weight}: must be 0 or more")
+
+
+def recorded_base(pruned_model: str) -> str:
+    """The base model ``lit-recover prune`` recorded for ``pruned_model`` (``--model.teacher auto``).
+
+    Read from the pruning report beside it (``pruned_model.bin`` and the folder ``pruned_model/``
+    both have ``pruned_model.json``). A relative path is taken as it was given to the pruner (from
+    the working directory), else from the report's folder; ``smollm2`` stays as it is (the packaged
+    model, converted when it is loaded). Cheap: reads one JSON file, loads no model.
+    """
+    from lit_recover.errors import ConfigError
+    from lit_recover.pruning.report import PruningReportError, read_report, report_path
+
+    path = report_path(str(pruned_model).rstrip("/"))
+    if not path.is_file():
+        raise ConfigError(f"--model.teacher auto: {path} not found (lit-recover prune writes it beside the pruned "
+                          f"model, naming the base model); pass --model.teacher PATH")
+    try:
+        report = read_report(path)
+    except PruningReportError as exc:
+        raise ConfigError(f"--model.teacher auto: {exc}") from exc
+    base = report.get("base_model")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"--model.teacher auto: {path} records no base_model; pass --model.teacher PATH")
+    if base == SMOLLM2 or Path(base).is_absolute() or Path(base).exists():
+        return base
+    beside = path.parent / base
+    return str(beside) if beside.exists() else base
+
+
+def teacher_source(teacher: str, pruned_model: str) -> str:
+    """What ``--model.teacher`` names: itself, or for ``auto`` the recorded base (:func:`recorded_base`)."""
+    return recorded_base(pruned_model) if teacher == "auto" else teacher
+
+
+def teacher_mismatches(teacher: torch.nn.Module, teacher_tokenizer: Any, student: torch.nn.Module,
+                       student_tokenizer: Any, hidden: bool = False) -> list[str]:
+    """What differs between a teacher and its student where distillation needs them equal: the
+    logits' vocabulary, the tokenizer's size and special-token ids (bos, eos, pad) and, for the
+    hidden-state loss, the number of decoder layers and the hidden size. ``"vocabulary 384 vs 512"``:
+    the teacher's value first."""
+    from lit_recover.models.anatomy import decoder_layers
+
+    def head_size(model: torch.nn.Module) -> int:
+        head = model.get_output_embeddings()
+        return int(getattr(head, "out_features", None) or head.weight.shape[0])
+
+    pairs = [("vocabulary (logits)", head_size(teacher), head_size(student)),
+             ("tokenizer size", len(teacher_tokenizer), len(student_tokenizer))]
+    pairs += [(f"{name} id", getattr(teacher_tokenizer, f"{name}_token_id", None),
+               getattr(student_tokenizer, f"{name}_token_id", None)) for name in ("bos", "eos", "pad")]
+    if hidden:
+        pairs += [("decoder layers", len(decoder_layers(teacher)), len(decoder_layers(student))),
+                  ("hidden size", int(teacher.config.hidden_size), int(student.config.hidden_size))]
+    return [f"{name} {a} vs {b}" for name, a, b in pairs if a != b]
+
+
 class LoRARecoveryModule(L.LightningModule):
     """LoRA recovery fine-tuning of a structurally pruned causal LM.
 
@@ -172,7 +249,27 @@ class LoRARecoveryModule(L.LightningModule):
             supervised tokens, as transformers >= 4.46's Trainer (``num_items_in_batch``, summed
             over ranks); the gradient equals that of one batch holding the whole window.
             ``micro_batch_mean``: the mean of the micro-batch means, as transformers < 4.46 and
-            Lightning's own accumulation.
+            Lightning's own accumulation. With a teacher the CE part is weighted so, and the
+            distillation parts (divergence, hidden states) by the window's distillation positions
+            (``kd_positions``) in the same way: under ``tokens`` each part is the window's mean over
+            its own positions on all ranks.
+        teacher: distillation from the unpruned model: an HF folder, a hub id, an LLM-Pruner pickle
+            (read by the safe loader unless ``trust_pickle``), or a pruned folder; ``auto``: the base
+            model that ``lit-recover prune`` recorded in the report beside ``pruned_model``
+            (``pruned_model.json``). Loaded like the student (same loader and dtype), frozen, in eval
+            mode, run under ``no_grad`` on the student's device, sharded like it under FSDP2, never
+            checkpointed. Its vocabulary and special tokens must equal the student's. ``None``: plain
+            SFT, the seed's recipe.
+        kd_ratio: the loss is ``(1 − kd_ratio)·CE + kd_ratio·T²·D + kd_hidden_weight·H``
+            (``lit_recover.distill``). 0.5 is provisional (torchtune's default) until the recovery
+            benchmark settles it.
+        kd_temperature: ``T``, softening both distributions.
+        kd_loss: the divergence ``D``: ``forward_kl`` (KL(teacher ‖ student)), ``reverse_kl`` or ``jsd``.
+        kd_positions: ``all`` (every position predicting a real token of its own sequence, the prompt
+            included, which the CE masks out) or ``response`` (the CE's supervised positions).
+        kd_hidden_weight: weight of ``H``, the mean squared difference of every decoder layer's
+            output hidden states (student vs teacher, same hidden size) on the distillation positions,
+            averaged over layers; 0 (default) skips it. Needs the same number of layers.
     """
 
     def __init__(
@@ -196,6 +293,12 @@ class LoRARecoveryModule(L.LightningModule):
         peak_flops: float | None = None,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         loss_weighting: Literal["tokens", "micro_batch_mean"] = "tokens",
+        teacher: str | None = None,
+        kd_ratio: float = 0.5,
+        kd_temperature: float = 1.0,
+        kd_loss: KDLoss = "forward_kl",
+        kd_positions: KDPositions = "all",
+        kd_hidden_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -203,12 +306,19 @@ class LoRARecoveryModule(L.LightningModule):
         self.scheduler_factory = lr_scheduler
         # Checkpoints hold only the adapter: loading them must not demand the frozen base weights.
         self.strict_loading = False
+        check_distillation_settings(kd_ratio, kd_temperature, kd_hidden_weight)  # before any model loads
 
         base, self.tokenizer, self.stored_dtype = self._load_base(
             pruned_model, trust_pickle, torch_dtype, attn_implementation, mmap=mmap_weights
         )
         self.model = self._wrap_lora(base)
         self.val_nll = MeanMetric()
+        self._init_teacher()
+        # what the results JSON records of training: global counts restored on resume, plus this process's since
+        self._progress_offset = {"tokens": 0, "supervised_tokens": 0, "seconds": 0.0}
+        self._progress_local = {"tokens": 0, "supervised_tokens": 0}
+        self._train_clock: float | None = None
+        self.training_summary: dict[str, Any] | None = None
         self._step_started: float | None = None
         self._tokens_in_step = 0
         self._flops_in_step = 0
@@ -275,15 +385,78 @@ class LoRARecoveryModule(L.LightningModule):
         total = sum(p.numel() for p in self.model.parameters())
         return trainable, total
 
+    # --- distillation: the teacher ---------------------------------------------------------------
+    def _init_teacher(self) -> None:
+        """Load, check and freeze ``--model.teacher``; kept in a plain attribute, so that it is no
+        submodule: not in the state dict or checkpoints, not in DDP's parameters, not optimised."""
+        hp = self.hparams
+        self.__dict__["_teacher"] = None
+        self._teacher_sharded = self._teacher_converted = False
+        if hp.teacher is None:
+            return
+        source = teacher_source(hp.teacher, hp.pruned_model)
+        if source == SMOLLM2:
+            from lit_recover.models.gguf import convert_smollm2
+
+            source = str(convert_smollm2())
+        teacher, tokenizer, _ = self._load_base(source, hp.trust_pickle, hp.torch_dtype, hp.attn_implementation,
+                                                mmap=hp.mmap_weights)
+        named = hp.teacher if hp.teacher == source else f"{hp.teacher} ({source})"
+        problems = teacher_mismatches(teacher, tokenizer, self.model.get_base_model(), self.tokenizer,
+                                      hidden=hp.kd_hidden_weight > 0)
+        if problems:
+            raise TeacherMismatchError(
+                f"teacher {named} does not match the student {hp.pruned_model}: {'; '.join(problems)}")
+        teacher.requires_grad_(False)
+        teacher.eval()
+        teacher.config.use_cache = False
+        self.__dict__["_teacher"] = teacher
+        self.teacher_source = source
+        self.val_kd = MeanMetric()
+        rank_zero_info(f"distillation from {named}: kd_ratio {hp.kd_ratio}, T {hp.kd_temperature}, "
+                       f"{hp.kd_loss} on {hp.kd_positions} positions, hidden weight {hp.kd_hidden_weight}")
+
+    @property
+    def teacher(self) -> torch.nn.Module | None:
+        """The frozen teacher (``--model.teacher``), or ``None`` for plain SFT."""
+        return self.__dict__.get("_teacher")
+
+    def _place_teacher(self) -> None:
+        """The teacher on the student's device and in its frozen weights' dtype: what Lightning's
+        device move and ``*-true`` precision did to the student, which is all it does, since the
+        teacher is no submodule. Checked at every step (cheap), so it also follows a moved module."""
+        teacher = self.teacher
+        first = next(teacher.parameters())
+        if self._teacher_sharded:  # FSDP2: converted and moved as Lightning does the student's shards
+            if not self._teacher_converted and self._trainer is not None:
+                self.trainer.precision_plugin.convert_module(teacher)
+                self._teacher_converted = True
+            if first.device != self.device:
+                teacher.to(self.device)
+            return
+        dtype = self.base_dtype
+        if stored_dtype(teacher) != dtype or first.device != self.device:
+            # normal tensors even when the first step is a validation (inference mode)
+            with torch.inference_mode(False), torch.no_grad():
+                cast_parameters(teacher, dtype)
+                teacher.to(self.device)
+
     @override
     def configure_model(self) -> None:
         # FSDP2 (ModelParallelStrategy gives the module a device mesh): shard once; nothing otherwise
         if self._device_mesh is not None and self._sharded is None:
             reshard = getattr(self._trainer.strategy, "reshard_after_forward", True) if self._trainer else True
             self._sharded = shard_lora_model(self.model, self._device_mesh, reshard_after_forward=reshard)
+        if self._device_mesh is not None and self.teacher is not None and not self._teacher_sharded:
+            # the teacher sharded like the student (its skeleton is not needed: it is never merged)
+            reshard = getattr(self._trainer.strategy, "reshard_after_forward", True) if self._trainer else True
+            shard_lora_model(self.teacher, self._device_mesh, reshard_after_forward=reshard)
+            self._teacher_sharded = True
 
     @override
     def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self._place_teacher()
         trainable, total = self.parameter_counts()
         for logger in self.loggers:
             logger.log_hyperparams({"params/trainable": trainable, "params/total": total})
@@ -324,8 +497,139 @@ class LoRARecoveryModule(L.LightningModule):
                                reduction="mean")
         return loss, n
 
+    def distill_loss(self, batch: dict[str, torch.Tensor]) -> DistillLoss:
+        """The distillation objective of one micro-batch (``lit_recover.distill``) and its parts.
+
+        The teacher runs first, under ``no_grad``, on the same inputs and positions (packed rows
+        included); only its final hidden states (and, for the hidden-state loss, every layer's output
+        at the distillation positions) are kept for the student's loss. The heads and the divergence
+        run in position chunks, nothing vocabulary-sized kept for the backward pass
+        (``lit_recover.distill.distillation_loss``).
+        """
+        from contextlib import nullcontext
+
+        from lit_recover.distill import chunk_count, distillation_loss, hidden_mse, kd_mask, layer_outputs
+        from lit_recover.models.anatomy import decoder_layers
+
+        hp = self.hparams
+        teacher = self.teacher
+        self._place_teacher()
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"),
+                  "position_ids": batch.get("position_ids"), "use_cache": False}
+        labels = batch["labels"]
+        mask = kd_mask(labels, batch.get("attention_mask"), batch.get("position_ids"), hp.kd_positions)
+        hidden = hp.kd_hidden_weight > 0
+
+        def at_positions(states: torch.Tensor) -> torch.Tensor:
+            return states[:, :-1][mask]
+
+        with torch.no_grad():
+            with layer_outputs(decoder_layers(teacher), at_positions) if hidden else nullcontext([]) as t_layers:
+                t_hidden = teacher.model(**inputs).last_hidden_state
+            reshard = getattr(teacher.model, "reshard", None)
+            if reshard is not None:  # FSDP2: the root's gathered weights are not kept for a backward
+                reshard()
+        with layer_outputs(decoder_layers(self.model)) if hidden else nullcontext([]) as s_layers:
+            s_hidden = self.backbone(**inputs).last_hidden_state
+        min_chunks = 0
+        if self._sharded is not None:  # every head call is a collective: the same number on every rank
+            rows = int(((labels[:, 1:] != IGNORE_INDEX) | mask).sum())
+            local = torch.tensor(float(chunk_count(rows, int(self.lm_head.weight.shape[0]))), device=self.device)
+            min_chunks = int(self.trainer.strategy.reduce(local, reduce_op="max").item())
+        out = distillation_loss(s_hidden, t_hidden, self.lm_head, teacher.lm_head, labels, mask,
+                                kd_ratio=hp.kd_ratio, kind=hp.kd_loss, temperature=hp.kd_temperature,
+                                min_chunks=min_chunks, ignore_index=IGNORE_INDEX)
+        if hidden:
+            out = out.with_hidden(hidden_mse([at_positions(h) for h in s_layers], t_layers), hp.kd_hidden_weight)
+        self._distilled = out
+        return out
+
+    def _distill_weighted(self, batch_idx: int) -> torch.Tensor:
+        """The distillation loss to backpropagate under ``loss_weighting``: the CE part weighted by
+        supervised tokens as without a teacher (``_window_weighted``), the divergence and hidden-state
+        parts by distillation positions (``_kd_window_weighted``)."""
+        hp = self.hparams
+        out = self._distilled
+        ce_part = self._window_weighted((1.0 - hp.kd_ratio) * out.ce, out.ce_count, batch_idx)
+        kd_part = (hp.kd_ratio * hp.kd_temperature**2) * out.kd
+        if out.hidden is not None:
+            kd_part = kd_part + hp.kd_hidden_weight * out.hidden
+        return ce_part + self._kd_window_weighted(kd_part, out.kd_count, batch_idx)
+
+    def _kd_window_weighted(self, part: torch.Tensor, n: int, batch_idx: int) -> torch.Tensor:
+        """``_window_weighted`` for the distillation parts: each micro-batch's mean over its ``n``
+        distillation positions times ``n × k × world / N``, ``N`` the window's distillation positions
+        on all ranks (counted ahead from the sampler's plan, as the supervised tokens are)."""
+        if self.hparams.loss_weighting == "micro_batch_mean" or self._trainer is None:
+            return part
+        trainer = self.trainer
+        k = int(trainer.accumulate_grad_batches)
+        window = self._window_kd_positions(batch_idx)
+        if window is not None:
+            mine, total, world = window
+            if mine != n:
+                raise RuntimeError(
+                    f"micro-batch {batch_idx}: {n} distillation positions, but the sampler's plan gives it {mine}; "
+                    "a collator that changes the sequences needs --model.loss_weighting micro_batch_mean"
+                )
+        elif k == 1:
+            world = int(trainer.world_size)
+            total = int(trainer.strategy.reduce(torch.tensor(float(n), device=part.device), reduce_op="sum").item())
+        else:
+            raise LossWeightingError(
+                "--model.loss_weighting tokens needs the distillation positions of a whole accumulation window "
+                "ahead: a data module with a ShardedBatchSampler (train_sampler) and its train_dataset; "
+                "use --model.loss_weighting micro_batch_mean with another data module"
+            )
+        return part * (n * k * world / max(total, 1))
+
+    def _window_kd_positions(self, batch_idx: int) -> tuple[int, int, int] | None:
+        """``(this micro-batch's distillation positions, the window's on all ranks, world size)`` from
+        the sampler's plan (``_window_targets`` for the supervised tokens), or ``None`` without a plan.
+        Under ``kd_positions response`` they are the supervised tokens; under ``all`` a sequence of
+        ``n`` tokens gives ``n − 1`` (``lit_recover.distill.kd_mask``)."""
+        from lit_recover.distill import kd_position_count
+
+        if self.hparams.kd_positions == "response":
+            return self._window_targets(batch_idx)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        sampler = getattr(datamodule, "train_sampler", None)
+        dataset = getattr(datamodule, "train_dataset", None)
+        if sampler is None or dataset is None or not hasattr(sampler, "plan"):
+            return None
+        k = int(self.trainer.accumulate_grad_batches)
+        world, rank = int(sampler.world_size), int(sampler.rank)
+        batches = len(sampler)
+        if isinstance(self.trainer.num_training_batches, int):
+            batches = min(batches, self.trainer.num_training_batches)
+        start = (batch_idx // k) * k
+        key = (id(sampler), sampler.epoch, start)
+        cached = getattr(self, "_kd_window_plan", None)
+        if cached is None or cached[0] != key:
+            epoch_plan = getattr(self, "_kd_epoch_plan", None)
+            if epoch_plan is None or epoch_plan[0] != key[:2]:
+                epoch_plan = self._kd_epoch_plan = (key[:2], sampler.plan(sampler.epoch))
+            plan = epoch_plan[1]
+            counts: dict[int, list[int]] = {}
+            for step in range(start, min(start + k, batches)):
+                per_rank = [plan[step * world + r] for r in range(world)]
+                items = _items(dataset, [i for indices in per_rank for i in indices])
+                positions = [kd_position_count(len(item["input_ids"]), "all", 0) for item in items]
+                bounds = np.cumsum([0, *map(len, per_rank)])
+                counts[step] = [int(sum(positions[bounds[r]:bounds[r + 1]])) for r in range(world)]
+            cached = self._kd_window_plan = (key, counts)
+        counts = cached[1]
+        if batch_idx not in counts:
+            return None
+        return counts[batch_idx][rank], sum(sum(c) for c in counts.values()), world
+
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        loss, n = self.supervised_loss(batch)
+        distilled = self.distill_loss(batch) if self.teacher is not None else None
+        if distilled is None:
+            loss, n = self.supervised_loss(batch)
+            ce = loss
+        else:
+            loss, ce, n = distilled.loss, distilled.ce, distilled.ce_count
         self._step_targets = n
         positions = batch.get("position_ids")  # a packed row holds several sequences
         bsz = int((positions == 0).sum()) if positions is not None else batch["input_ids"].shape[0]
@@ -334,10 +638,20 @@ class LoRARecoveryModule(L.LightningModule):
             real, squares = length_stats(batch)  # non-pad tokens (a packed row has none) and Σ length²
             self.log("train/padding_fraction", 1.0 - real / batch["input_ids"].numel(), batch_size=bsz)
             self._tokens_in_step += real
+            self._progress_local["tokens"] += real
+            self._progress_local["supervised_tokens"] += n
             self._flops_in_step += self.flop_model.step(real, n, squares)["total"]
+            if distilled is not None:
+                self.log("train/ce_loss", distilled.ce.detach(), batch_size=bsz)
+                self.log("train/kd_loss", distilled.kd.detach(), batch_size=bsz)
+                if distilled.hidden is not None:
+                    self.log("train/hidden_loss", distilled.hidden.detach(), batch_size=bsz)
         else:
-            self.val_nll.update(loss.detach(), weight=max(n, 1))
+            self.val_nll.update(ce.detach(), weight=max(n, 1))
             self.log("val/loss", self.val_nll, prog_bar=True, batch_size=bsz)
+            if distilled is not None:
+                self.val_kd.update(distilled.kd.detach(), weight=max(distilled.kd_count, 1))
+                self.log("val/kd_loss", self.val_kd, batch_size=bsz)
         return loss
 
     @override
@@ -349,6 +663,8 @@ class LoRARecoveryModule(L.LightningModule):
             # the others waiting in the gradient all-reduce
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
+            if self.teacher is not None:
+                return self._distill_weighted(batch_idx)
             return self._window_weighted(loss, self._step_targets, batch_idx)
         if self.hparams.nonfinite_loss == "skip":
             # returning None skips backward for this micro-batch; nothing reaches the weights
@@ -678,6 +994,8 @@ class LoRARecoveryModule(L.LightningModule):
             "python": random.getstate(),
             **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
         }
+        # wall time and tokens so far (all ranks), so that a resumed run reports the whole run's
+        checkpoint["training_progress"] = self.training_progress()
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -691,6 +1009,11 @@ class LoRARecoveryModule(L.LightningModule):
         # Applied in on_train_start: creating the dataloader iterator draws from the global RNG,
         # and on resume that happens after this hook.
         self._rng_to_restore = checkpoint.get("rng_states")
+        progress = checkpoint.get("training_progress") or {}
+        self._progress_offset = {"tokens": int(progress.get("tokens", 0)),
+                                 "supervised_tokens": int(progress.get("supervised_tokens", 0)),
+                                 "seconds": float(progress.get("seconds", 0.0))}
+        self._progress_local = {"tokens": 0, "supervised_tokens": 0}
 
     @override
     def on_train_start(self) -> None:
@@ -700,6 +1023,61 @@ class LoRARecoveryModule(L.LightningModule):
             random.setstate(rng["python"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+        self._train_clock = time.perf_counter()
+
+    @override
+    def on_train_end(self) -> None:
+        # a collective under DDP/FSDP2 (every rank ends training here); RecoveryOutputs records it
+        self.training_summary = self.training_summary_now()
+
+    def training_progress(self) -> dict[str, Any]:
+        """``{"tokens", "supervised_tokens", "seconds"}`` trained so far, resumed runs included: the
+        non-pad and the supervised tokens of every training micro-batch on all ranks (a collective
+        when a trainer with several ranks is attached: call it on every rank), and the seconds of the
+        training loop on this rank's clock (validation inside it included, model loading and the
+        end-of-fit evaluation not)."""
+        local = [self._progress_local["tokens"], self._progress_local["supervised_tokens"]]
+        if self._trainer is not None and int(self.trainer.world_size) > 1:
+            summed = self.trainer.strategy.reduce(torch.tensor(local, dtype=torch.float64, device=self.device),
+                                                  reduce_op="sum")
+            local = [int(round(float(v))) for v in summed.tolist()]
+        seconds = self._progress_offset["seconds"]
+        if self._train_clock is not None:
+            seconds += time.perf_counter() - self._train_clock
+        return {"tokens": self._progress_offset["tokens"] + int(local[0]),
+                "supervised_tokens": self._progress_offset["supervised_tokens"] + int(local[1]),
+                "seconds": seconds}
+
+    def training_summary_now(self) -> dict[str, Any]:
+        """What the results JSON records of this fit (``lit_recover.evaluation.report.training_record``'s
+        arguments): :meth:`training_progress`, the optimizer steps, the budget that stopped it, the recipe."""
+        from lightning.pytorch.callbacks import Timer
+
+        progress = self.training_progress()
+        trainer = self.trainer
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        budget = getattr(timer, "_duration", None) if timer is not None else None
+        max_steps = int(trainer.max_steps) if trainer.max_steps is not None and trainer.max_steps >= 0 else None
+        if timer is not None and budget is not None and timer.time_remaining("train") is not None \
+                and timer.time_remaining("train") <= 0:
+            stopped_by = "max_time"
+        elif max_steps is not None and trainer.global_step >= max_steps:
+            stopped_by = "max_steps"
+        elif trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs:
+            stopped_by = "max_epochs"
+        else:
+            stopped_by = "other"  # a callback or an interrupt
+        hp = self.hparams
+        recipe: dict[str, Any] = {"objective": "distillation" if self.teacher is not None else "sft",
+                                  "learning_rate": hp.learning_rate, "lora_r": hp.lora_r}
+        if self.teacher is not None:
+            recipe.update(teacher=hp.teacher, teacher_source=self.teacher_source, kd_ratio=hp.kd_ratio,
+                          kd_temperature=hp.kd_temperature, kd_loss=hp.kd_loss, kd_positions=hp.kd_positions,
+                          kd_hidden_weight=hp.kd_hidden_weight)
+        return {"seconds": progress["seconds"], "steps": int(trainer.global_step), "tokens": progress["tokens"],
+                "supervised_tokens": progress["supervised_tokens"],
+                "max_time_s": float(budget) if budget is not None else None, "max_steps": max_steps,
+                "world_size": int(trainer.world_size), "stopped_by": stopped_by, "recipe": recipe}
 
     def _resume_data_order(self, checkpoint: dict[str, Any]) -> None:
         """Tell the data module where in which epoch the checkpointed run stopped.

@@ -297,6 +297,62 @@ def test_ddp_two_processes_match_one(tiny_pruned_path, setting, reference, tmp_p
     assert not [p for p in out.iterdir() if p.name.endswith((STAGING_SUFFIX, OLD_SUFFIX))]
 
 
+@pytest.fixture(scope="module")
+def teacher_path(setting) -> Path:
+    """The tiny pruned model's dense base (the same seed, unpruned) as a pickle: its teacher."""
+    from lit_recover.demos.tiny import build_tiny_llama, build_tokenizer
+    from lit_recover.models.load import save_pruned
+
+    tok = build_tokenizer()
+    return save_pruned(build_tiny_llama(len(tok), seed=0).eval(), tok, setting["root"] / "teacher.bin")
+
+
+# distillation settings that exercise every part: the hidden-state loss, a temperature, a CE share
+KD_ARGS = ("--model.kd_hidden_weight", "0.5", "--model.kd_ratio", "0.7", "--model.kd_temperature", "2.0")
+
+
+@pytest.fixture(scope="module")
+def kd_reference(tiny_pruned_path, setting, teacher_path, reference) -> Path:
+    """One process distilled from the teacher (padded micro-batches); it learnt something else than SFT."""
+    from main import cli_main
+
+    out = setting["root"] / "kd-reference"
+    cli_main(fit_args(tiny_pruned_path, setting, out, "--trainer.devices", "1", "--model.teacher", str(teacher_path),
+                      *KD_ARGS))
+    sft, kd = load_adapter(reference), load_adapter(out)
+    assert max((kd[k] - sft[k]).abs().max().item() for k in sft) > 1e-3
+    return out
+
+
+@pytest.mark.slow
+def test_ddp_with_a_teacher_matches_one_process(tiny_pruned_path, setting, teacher_path, kd_reference, tmp_path):
+    """Distillation under DDP (a teacher replica per rank, packed micro-batches, the divergence over
+    all positions) gives the single padded process's adapter; checkpoints hold the adapter only."""
+    two = tmp_path / "two"
+    argv = [sys.executable, str(MAIN), "fit", *scale_config("ddp"),
+            *fit_args(tiny_pruned_path, setting, two, "--trainer.devices", "2", "--model.teacher", str(teacher_path),
+                      *KD_ARGS)[1:]]
+    launch([(argv, clean_env(), REPO)], tmp_path / "logs")
+    saved = yaml.safe_load(RunFolder(two).config.read_text())
+    assert saved["model"]["teacher"] == str(teacher_path) and saved["data"]["padding_free"]
+    assert_same_adapter(load_adapter(two), load_adapter(kd_reference))
+    state = torch.load(RunFolder(two).checkpoint(4) / "lightning.ckpt", map_location="cpu", weights_only=False)
+    assert state["state_dict"] and all("lora_" in k for k in state["state_dict"])
+
+
+@pytest.mark.slow
+def test_fsdp2_with_a_teacher_matches_one_process(tiny_pruned_path, setting, teacher_path, kd_reference, tmp_path):
+    """Distillation under FSDP2: the teacher sharded per decoder layer like the student, every rank
+    running as many head chunks as the others; the adapter is the single process's. Activation
+    checkpointing is off: what is tested here is the teacher's sharding."""
+    two = tmp_path / "fsdp"
+    argv = [sys.executable, str(MAIN), "fit", *scale_config("fsdp"),
+            *fit_args(tiny_pruned_path, setting, two, "--trainer.devices", "2", "--model.teacher", str(teacher_path),
+                      *KD_ARGS, "--model.gradient_checkpointing", "false")[1:]]
+    launch([(argv, clean_env(), REPO)], tmp_path / "logs")
+    assert_same_adapter(load_adapter(two), load_adapter(kd_reference))
+
+
 @pytest.mark.slow
 def test_two_nodes_on_localhost(tiny_pruned_path, setting, reference, tmp_path):
     """Two launchers, node rank 0 and 1, one CPU process each; node 1's folder stands for a machine

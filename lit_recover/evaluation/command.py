@@ -107,6 +107,7 @@ def compare(
     labels: list[str] | None = None,
     chart: str | None = None,
     overwrite: bool = False,
+    recovery: bool | None = None,
 ) -> int:
     """Compare results files: a markdown table on stdout, and a bar chart.
 
@@ -115,6 +116,10 @@ def compare(
         labels: column names, one per column (default: the labels stored in the files).
         chart: save a PNG bar chart here (an existing file is refused unless --overwrite true).
         overwrite: replace an existing --chart file.
+        recovery: read the columns as base, pruned, recovered…, and add for each recovered one the
+            share of the gap won back: R = (ln P_pruned − ln P_recovered) / (ln P_pruned − ln P_base)
+            per perplexity, and the share of the accuracy gap for the zero-shot average (default:
+            with three columns or more).
 
     Returns:
         The exit status, 0.
@@ -129,7 +134,7 @@ def compare(
     columns = [res for _, res in entries]
     if chart and Path(chart).exists() and not overwrite:
         raise OutputExistsError(f"{chart}: already exists; pass --overwrite true to replace it")
-    print(compare_table(columns, names))
+    print(compare_table(columns, names, recovery=recovery))
     if chart:
         try:
             written = compare_chart(columns, names, chart, overwrite=overwrite)

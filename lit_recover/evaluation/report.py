@@ -8,7 +8,8 @@ A results file is a plain JSON object::
       "model": {"class": ..., "source": ..., "num_layers": ..., "layer_shapes": [...]},
       "environment": {"device": ..., "dtype": ..., "torch_threads": ..., "platform": ..., "versions": {...}},
       "settings": {...every EvalConfig field...},
-      "metrics": {"ppl": SECTION, "zero_shot": SECTION, "latency": SECTION, "memory": SECTION}
+      "metrics": {"ppl": SECTION, "zero_shot": SECTION, "latency": SECTION, "memory": SECTION},
+      "training": TRAINING                  # results of a fit only (training_record)
     }
 
 Every section has a ``status`` (``ok``, ``skipped`` or ``failed``; a ``reason`` when not ok), its
@@ -193,6 +194,9 @@ def iter_rows(results: dict, *, details: bool = False) -> Iterator[tuple[str, di
 
     for name, section in results.get("metrics", {}).items():
         yield from walk(section, [name])
+    training = results.get("training")
+    if isinstance(training, dict):  # what the fit cost, for comparing runs at equal wall time
+        yield from walk(training, ["training"])
 
 
 def short_name(path: str) -> str:
@@ -235,6 +239,66 @@ def with_deltas(before: dict, after: dict) -> dict:
         deltas[path] = entry
     return {**schema_header(DELTAS_SCHEMA, SCHEMA_VERSION), "timestamp": timestamp(),
             "before": before, "after": after, "deltas": deltas}
+
+
+# --------------------------------------------------------------------------- training
+def training_record(*, seconds: float, steps: int, tokens: int, supervised_tokens: int,
+                    max_time_s: float | None = None, max_steps: int | None = None, world_size: int = 1,
+                    stopped_by: str | None = None, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``training`` entry of a fit's results: what the recovery cost, so that runs (SFT against
+    distillation) can be compared at equal wall time.
+
+    Args:
+        seconds: wall time of the training loop (validation inside it included; loading and the
+            end-of-fit evaluation not), summed over resumed parts.
+        steps: optimizer steps taken.
+        tokens: non-pad tokens trained on, all ranks.
+        supervised_tokens: the supervised (loss) tokens among them.
+        max_time_s: the ``--trainer.max_time`` budget in seconds, if any.
+        max_steps: the ``--trainer.max_steps`` limit, if any.
+        world_size: processes that trained.
+        stopped_by: ``max_time``, ``max_steps``, ``max_epochs`` or ``other``.
+        recipe: the objective and its settings (``sft`` or ``distillation`` with the teacher's keys).
+    """
+    return {
+        "wall_time": measurement(float(seconds), "s", higher_is_better=False),
+        "optimizer_steps": measurement(int(steps), "count"),
+        "tokens_seen": measurement(int(tokens), "tokens"),
+        "supervised_tokens": measurement(int(supervised_tokens), "tokens"),
+        "settings": {"max_time_s": max_time_s, "max_steps": max_steps, "world_size": int(world_size),
+                     "stopped_by": stopped_by, "recipe": dict(recipe or {})},
+    }
+
+
+# --------------------------------------------------------------------------- share of the gap won back
+def recovery_shares(results: Sequence[dict]) -> list[tuple[str, str, list[float | None]]]:
+    """What each recovered model won back of what pruning lost, from ``[base, pruned, recovered, …]``.
+
+    Per perplexity (every ``perplexity`` row): ``R = (ln P_pruned − ln P_recovered) / (ln P_pruned −
+    ln P_base)``, the share of the log-perplexity gap won back (1: back at the base, 0: no better
+    than pruned, < 0: worse). For the zero-shot average: ``(A_recovered − A_pruned) / (A_base −
+    A_pruned)``, the share of the accuracy gap. Rows ``(name, unit, [None, None, share, …])``, one
+    value per results (``None`` for the base and the pruned columns, and where a number is missing
+    or the gap is zero).
+    """
+    if len(results) < 3:
+        raise ValueError(f"recovery shares need base, pruned and at least one recovered result, got {len(results)}")
+    out: list[tuple[str, str, list[float | None]]] = []
+    for path, unit, leaves in comparison_rows(results):
+        values = [None if leaf is None else _number(leaf) for leaf in leaves]
+        base, pruned = values[0], values[1]
+        if unit == "perplexity" and path.startswith("ppl/"):
+            if base is None or pruned is None or base <= 0 or pruned <= 0 or math.log(pruned) == math.log(base):
+                continue
+            gap = math.log(pruned) - math.log(base)
+            shares = [None if v is None or v <= 0 else (math.log(pruned) - math.log(v)) / gap for v in values[2:]]
+            out.append((f"R {short_name(path)}", "share of log-PPL gap", [None, None, *shares]))
+        elif path == "zero_shot/average":
+            if base is None or pruned is None or base == pruned:
+                continue
+            shares = [None if v is None else (v - pruned) / (base - pruned) for v in values[2:]]
+            out.append(("R zero_shot average", "share of accuracy gap", [None, None, *shares]))
+    return out
 
 
 # --------------------------------------------------------------------------- what did not run
@@ -348,8 +412,14 @@ def comparison_rows(results: Sequence[dict]) -> list[tuple[str, str, list[dict |
     return out
 
 
-def compare_table(results: Sequence[dict], labels: Sequence[str] | None = None) -> str:
-    """A markdown table: one row per metric, one column per results, and last minus first."""
+def compare_table(results: Sequence[dict], labels: Sequence[str] | None = None,
+                  recovery: bool | None = None) -> str:
+    """A markdown table: one row per metric, one column per results, and last minus first.
+
+    ``recovery`` (default: with three results or more) reads the columns as base, pruned, then
+    recovered models, and adds the share of the gap each recovered one won back
+    (:func:`recovery_shares`: ``R`` per perplexity, and for the zero-shot average).
+    """
     if not results:
         raise ValueError("nothing to compare")
     labels = list(labels) if labels else [r.get("label") or f"#{i + 1}" for i, r in enumerate(results)]
@@ -364,6 +434,12 @@ def compare_table(results: Sequence[dict], labels: Sequence[str] | None = None) 
             first, last = (None if leaf is None else _number(leaf) for leaf in (leaves[0], leaves[-1]))
             cells.append("" if first is None or last is None else f"{last - first:+.4g}")
         lines.append("| " + " | ".join(cells) + " |")
+    if recovery is None:
+        recovery = len(results) >= 3
+    if recovery:
+        for name, unit, shares in recovery_shares(results):
+            cells = [name, unit, *("–" if v is None else f"{v:.3f}" for v in shares)] + ([""] if with_delta else [])
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
