@@ -112,6 +112,8 @@ SCENARIOS = {
                   "losses must agree (the math check).",
 }
 
+_PRECISION = ["--trainer.precision", "32-true"]
+
 _FUSED_ADAMW = ('{"class_path": "torch.optim.AdamW", "init_args": {"lr": %s, "weight_decay": 0.0, '
                 '"fused": true}}')
 
@@ -150,6 +152,29 @@ LEVERS: dict[str, tuple[str, Any, Any]] = {
         "length-grouped sampling (off: random order)",
         lambda s: dataclasses.replace(s, group_by_length=False),
         lambda s: dataclasses.replace(s, group_by_length=True)),
+    "fuse_projections": (
+        "one frozen matmul per layer for q/k/v and one for gate/up, each LoRA branch still its own "
+        "(lit_recover.fused; off: five separate frozen matmuls)",
+        lambda s: dataclasses.replace(s, lit_args=[*s.lit_args, "--model.fuse_projections", "false"]),
+        lambda s: dataclasses.replace(s, lit_args=[*s.lit_args, "--model.fuse_projections", "true"])),
+    "chunked_head": (
+        "LM head + cross-entropy on the supervised positions in chunks, each chunk's input gradient "
+        "computed in the forward pass (lit_recover.head; off: one head call on all supervised positions)",
+        lambda s: dataclasses.replace(s, lit_args=[*s.lit_args, "--model.chunked_head", "false"]),
+        lambda s: dataclasses.replace(s, lit_args=[*s.lit_args, "--model.chunked_head", "true"])),
+    "compile": (
+        "torch.compile of every decoder layer (inductor; its compile seconds are in each run's compile_s "
+        "and fall in the first, untimed steps only if --skip covers them)",
+        lambda s: dataclasses.replace(s, lit_args=[*s.lit_args, "--model.compile", "false"]),
+        lambda s: dataclasses.replace(s, lit_args=[*s.lit_args, "--model.compile", "true"])),
+    "bf16_base": (
+        "the frozen base in bfloat16, LoRA weights, AdamW state and loss in float32, no autocast "
+        "(--trainer.precision 32-true --model.torch_dtype bfloat16; off: the base in float32); both arms "
+        "skip the end-of-fit merge and save, which is not what is measured",
+        lambda s: dataclasses.replace(s, skip_outputs=True,
+                                      lit_args=[*s.lit_args, *_PRECISION, "--model.torch_dtype", "float32"]),
+        lambda s: dataclasses.replace(s, skip_outputs=True,
+                                      lit_args=[*s.lit_args, *_PRECISION, "--model.torch_dtype", "bfloat16"])),
 }
 
 
@@ -182,6 +207,8 @@ def run_scenario(name: str, arms: list[tuple[str, str, FitSettings]], pairs: int
             runs.append(r)
             sm = summarize_run(r, skip)
             mfu = f", MFU {sm['mfu']:.3f}" if sm.get("mfu") is not None else ""
+            if r.get("compile_s"):
+                mfu += f", compile {r['compile_s']:.0f} s"
             print(f"  [{name}] pair {p + 1}/{pairs} {label:9s}: {sm['tokens_per_s']:8.1f} tok/s{mfu}, "
                   f"{sm['s_per_step']:6.2f} s/step, peak {sm['peak_memory_mb']:7.0f} MiB, "
                   f"pad {sm['padded_fraction']:.3f}, loss {sm['mean_loss']:.4f} ({time.perf_counter() - t0:.0f} s)",

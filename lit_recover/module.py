@@ -21,7 +21,6 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
@@ -39,6 +38,7 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(LitRecoverError, RuntimeError):
     """The training loss became NaN or inf."""
+
 
 class LossWeightingError(LitRecoverError, ValueError):
     """``loss_weighting`` cannot be served by this data module."""
@@ -270,6 +270,16 @@ class LoRARecoveryModule(L.LightningModule):
         kd_hidden_weight: weight of ``H``, the mean squared difference of every decoder layer's
             output hidden states (student vs teacher, same hidden size) on the distillation positions,
             averaged over layers; 0 (default) skips it. Needs the same number of layers.
+        fuse_projections: one frozen matmul per layer for q/k/v and one for gate/up
+            (``lit_recover.fused``): each group's base weights concatenated once (the separate weights
+            become views of it: no extra memory), the output split and every LoRA branch added to its
+            part as before. Same outputs and gradients, same adapter files. Done at the first step
+            (:meth:`fuse_projections_now`), not under FSDP2; undone before the merge.
+        chunked_head: the LM head and cross-entropy on the supervised positions in chunks, each chunk's
+            gradient computed in the forward pass (``lit_recover.head``): never more than one chunk's
+            vocabulary-sized logits alive. Same loss and gradients. Not under FSDP2 (unchunked there).
+        compile: ``torch.compile`` every decoder layer (inductor; on CPU it needs a C++ compiler).
+            The seconds spent compiling are logged (``train/compile_s``, and a log line whenever they grew).
     """
 
     def __init__(
@@ -299,6 +309,9 @@ class LoRARecoveryModule(L.LightningModule):
         kd_loss: KDLoss = "forward_kl",
         kd_positions: KDPositions = "all",
         kd_hidden_weight: float = 0.0,
+        fuse_projections: bool = True,
+        chunked_head: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -307,6 +320,10 @@ class LoRARecoveryModule(L.LightningModule):
         # Checkpoints hold only the adapter: loading them must not demand the frozen base weights.
         self.strict_loading = False
         check_distillation_settings(kd_ratio, kd_temperature, kd_hidden_weight)  # before any model loads
+        if compile:
+            from lit_recover.compiling import check_compile
+
+            check_compile()  # before any model loads
 
         base, self.tokenizer, self.stored_dtype = self._load_base(
             pruned_model, trust_pickle, torch_dtype, attn_implementation, mmap=mmap_weights
@@ -371,6 +388,10 @@ class LoRARecoveryModule(L.LightningModule):
         model = get_peft_model(base, config)
         if hp.lean_lora:
             use_lean_lora(model)
+        if hp.get("compile"):
+            from lit_recover.compiling import compile_layers
+
+            compile_layers(model)
         return model
 
     def _log_parameter_counts(self) -> None:
@@ -445,6 +466,9 @@ class LoRARecoveryModule(L.LightningModule):
     def configure_model(self) -> None:
         # FSDP2 (ModelParallelStrategy gives the module a device mesh): shard once; nothing otherwise
         if self._device_mesh is not None and self._sharded is None:
+            from lit_recover.fused import unfuse_projections
+
+            unfuse_projections(self.model)  # FSDP2 keeps each weight's shard on its own
             reshard = getattr(self._trainer.strategy, "reshard_after_forward", True) if self._trainer else True
             self._sharded = shard_lora_model(self.model, self._device_mesh, reshard_after_forward=reshard)
         if self._device_mesh is not None and self.teacher is not None and not self._teacher_sharded:
@@ -475,6 +499,24 @@ class LoRARecoveryModule(L.LightningModule):
         """Full logits, as the merged model would give them."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
+    def fuse_projections_now(self) -> int:
+        """Fuse the frozen q/k/v and gate/up projections (``fuse_projections``) unless done, sharded
+        (FSDP2) or off; called at the first step, after the strategy placed and sharded the model
+        (so FSDP2 ranks never copy memory-mapped weights). Returns the groups fused now."""
+        if self.__dict__.get("_fusion_done") or not self.hparams.get("fuse_projections", False):
+            return 0
+        self._fusion_done = True
+        if self._sharded is not None:
+            return 0
+        from lit_recover.distributed import is_sharded
+        from lit_recover.fused import fuse_projections
+
+        if is_sharded(self.model):
+            return 0
+        count = fuse_projections(self.model)
+        log.info("fused frozen projections: %d groups (q/k/v, gate/up)", count)
+        return count
+
     def supervised_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Mean next-token NLL over supervised positions, and their count.
 
@@ -482,6 +524,7 @@ class LoRARecoveryModule(L.LightningModule):
         the same mean as the causal-LM loss of ``LlamaForCausalLM(labels=...)``, without
         materialising vocabulary-sized logits for prompt and padding positions.
         """
+        self.fuse_projections_now()
         hidden = self.backbone(
             input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
             position_ids=batch.get("position_ids"), use_cache=False,
@@ -491,10 +534,11 @@ class LoRARecoveryModule(L.LightningModule):
         n = int(keep.sum())
         if n == 0:  # nothing supervised (every response cut off): a zero loss that keeps the graph
             return hidden.sum() * 0.0, 0
-        logits = self.lm_head(hidden[:, :-1][keep])
-        # the loss in fp32 at least (float64 stays float64)
-        loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels[keep],
-                               reduction="mean")
+        # the loss in fp32 at least (float64 stays float64); in chunks unless off or sharded (FSDP2)
+        from lit_recover.head import supervised_cross_entropy
+
+        chunked = bool(self.hparams.get("chunked_head", True)) and self._sharded is None
+        loss = supervised_cross_entropy(hidden[:, :-1][keep], self.lm_head, labels[keep], chunked=chunked)
         return loss, n
 
     def distill_loss(self, batch: dict[str, torch.Tensor]) -> DistillLoss:
@@ -624,6 +668,7 @@ class LoRARecoveryModule(L.LightningModule):
         return counts[batch_idx][rank], sum(sum(c) for c in counts.values()), world
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        self.fuse_projections_now()
         distilled = self.distill_loss(batch) if self.teacher is not None else None
         if distilled is None:
             loss, n = self.supervised_loss(batch)
@@ -782,7 +827,20 @@ class LoRARecoveryModule(L.LightningModule):
                 peak = self.peak_flops_per_s()
                 if peak:
                     self.log("train/mfu", self._flops_in_step / elapsed / peak)
+        if self.hparams.get("compile"):
+            self._log_compile_time()
         self._step_started = None
+
+    def _log_compile_time(self) -> None:
+        """``train/compile_s``: the seconds this process spent compiling so far; a log line when it grew."""
+        from lit_recover.compiling import compile_seconds
+
+        seconds = compile_seconds()
+        self.log("train/compile_s", seconds)
+        if seconds > getattr(self, "_compile_logged", 0.0) + 0.05:
+            rank_zero_info(f"torch.compile: {seconds:.1f} s compiling the decoder layers so far "
+                           f"(optimizer step {self.global_step + 1})")
+            self._compile_logged = seconds
 
     @property
     def flop_model(self) -> LoRATrainingFlops:
@@ -888,8 +946,10 @@ class LoRARecoveryModule(L.LightningModule):
         gives it the training dtype again after it is saved. Under FSDP2 a collective (call it on
         every rank): the merged model on rank zero (on the CPU), ``None`` on the other ranks.
         """
+        from lit_recover.fused import unfuse_projections
         from lit_recover.hardware import is_lossless
 
+        unfuse_projections(self.model)  # separate weights again: merged, saved and pickled as without fusion
         self._trained_dtype = self.base_dtype
         exact = is_lossless(self.stored_dtype, self._trained_dtype)
         if self._sharded is not None:
