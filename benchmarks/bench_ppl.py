@@ -42,7 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=str(DEFAULT_TEXT),
                    help="text file (default ../shared/data/ppl/wikitext2_test.txt)")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="the reference loop's chunks per forward (LLM-Pruner: 4)")
+    p.add_argument("--lit-batch-size", type=int, default=None,
+                   help="lit-recover's chunks per forward (default: --batch-size)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the model's dtype, the same for both loops (default float32)")
     p.add_argument("--limit", type=int, default=None, help="first chunks only (default: 32, 8 with --quick)")
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -82,15 +86,17 @@ def timed(fn, *args) -> tuple[float, float, float]:
     return value, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def run(model: nn.Module, chunks: torch.Tensor, pairs: int, batch_size: int) -> dict[str, Any]:
+def run(model: nn.Module, chunks: torch.Tensor, pairs: int, batch_size: int,
+        lit_batch_size: int | None = None) -> dict[str, Any]:
     """Alternate the two loops ``pairs`` times (after one untimed warm-up of each)."""
+    lit_batch_size = lit_batch_size or batch_size
     reference_ppl(model, chunks[:batch_size], batch_size)
-    lit_ppl(model, chunks[:batch_size], batch_size)
+    lit_ppl(model, chunks[:lit_batch_size], lit_batch_size)
     tokens = chunks.numel()
     runs: list[dict[str, Any]] = []
     for pair in range(pairs):
-        for side, fn in (("reference", reference_ppl), ("lit", lit_ppl)):
-            ppl, wall, cpu = timed(fn, model, chunks, batch_size)
+        for side, fn, size in (("reference", reference_ppl, batch_size), ("lit", lit_ppl, lit_batch_size)):
+            ppl, wall, cpu = timed(fn, model, chunks, size)
             runs.append({"side": side, "pair": pair, "ppl": ppl, "seconds": wall, "cpu_seconds": cpu,
                          "tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu,
                          "load_avg": os.getloadavg()[0]})
@@ -131,17 +137,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             model_path = str(write_tiny_pruned(Path(tmp) / "pruned_model.bin"))
         model, tokenizer = load_pruned(model_path)
-    model.eval()
+    model = model.to(getattr(torch, args.dtype)).eval()
     # the protocol's stream; for a limit only the prefix that the first chunks need is tokenized
     ids, _ = chunk_stream(tokenizer, read_text_file(args.data), args.seq_len, limit, add_bos=True)
     chunks = make_chunks(ids, args.seq_len, limit)
     command = command_line("bench_ppl", argv)
     report = {"tag": tag, "command": command, "hardware": hardware(), "threads": torch.get_num_threads(),
               "model": str(model_path) if args.model else "tiny", "data": args.data, "seq_len": args.seq_len,
-              "batch_size": args.batch_size, "n_chunks": len(chunks), "load_avg_start": os.getloadavg(),
+              "batch_size": args.batch_size, "lit_batch_size": args.lit_batch_size or args.batch_size,
+              "dtype": args.dtype, "n_chunks": len(chunks), "load_avg_start": os.getloadavg(),
               "units": {"ppl": "perplexity", "tokens_per_s": "scored chunk tokens per wall second",
                         "seconds": "s"},
-              "result": run(model, chunks, args.pairs, args.batch_size)}
+              "result": run(model, chunks, args.pairs, args.batch_size, args.lit_batch_size)}
     text_md = ppl_markdown(report)
     print(text_md)
     write_report(out, tag, report, text_md)

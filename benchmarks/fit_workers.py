@@ -157,7 +157,12 @@ def run_lit_worker(s: FitSettings, workdir: Path) -> dict[str, Any]:
 
         def on_train_end(self, trainer, pl_module) -> None:
             meter.finish()
+            if pl_module.hparams.get("compile"):
+                from lit_recover.compiling import compile_seconds
 
+                compile_s[0] = compile_seconds()
+
+    compile_s: list[float | None] = [None]
     try:
         RecoveryCLI(args=lit_cli_args(s, workdir / "lit"), trainer_defaults={"max_epochs": 2, "callbacks": [Meter()]})
     except Exception as exc:
@@ -167,8 +172,9 @@ def run_lit_worker(s: FitSettings, workdir: Path) -> dict[str, Any]:
         # numbers and say what failed
         result = meter.result()
         result["post_fit_error"] = f"{type(exc).__name__}: {exc}"
+        result["compile_s"] = compile_s[0]
         return result
-    return meter.result()
+    return {**meter.result(), "compile_s": compile_s[0]}
 
 
 def measure_peak(result: dict[str, Any], s: FitSettings) -> dict[str, Any] | None:

@@ -219,6 +219,11 @@ def render_fit(path: Path) -> dict[str, Any]:
 
 
 # --- the perplexity benchmark ----------------------------------------------------------------------
+def _lit_batch(report: dict[str, Any]) -> str:
+    size = report.get("lit_batch_size")
+    return f" (lit-recover {size})" if size and size != report["batch_size"] else ""
+
+
 def ppl_markdown(report: dict[str, Any]) -> str:
     """The perplexity benchmark's table: both perplexities, tokens/s and their ratios."""
     r = report["result"]
@@ -230,7 +235,8 @@ def ppl_markdown(report: dict[str, Any]) -> str:
         "",
         f"`{report['command']}`",
         "",
-        f"{report['n_chunks']} chunks × {report['seq_len']} tokens, batch {report['batch_size']}; "
+        f"{report['n_chunks']} chunks × {report['seq_len']} tokens, batch {report['batch_size']}"
+        f"{_lit_batch(report)}, {report.get('dtype', 'float32')}; "
         f"{report['hardware'].get('cpu')}, {report['hardware'].get('cores')} cores, "
         f"torch {report['hardware'].get('torch')}, "
         f"{report['threads']} thread(s); load average {report['load_avg_start'][0]:.1f} at the start",

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lit_recover.errors import LitRecoverError
@@ -178,25 +179,64 @@ def _device_of(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-@torch.no_grad()
+HEAD_CHUNK_ELEMENTS = 1 << 22
+"""Positions × vocabulary of the logits scored at once: 16 MiB in float32 (85 positions of a
+49,152-token vocabulary), small enough for the log-softmax passes to stay in the CPU's caches."""
+
+
+def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """The decoder stack and the plain linear LM head of a LLaMA-family causal LM, or ``None`` where
+    the logits are more than ``head(last hidden state)`` (soft-capped or scaled logits, another head)."""
+    backbone = getattr(model, "model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    if backbone is None or type(head) is not nn.Linear or config is None:
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) is not None:
+        return None
+    return backbone, head
+
+
+def _scored_nll(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> float:
+    """Summed next-token NLL (float64) of ``hidden`` ``[positions, hidden]`` against ``labels``: the
+    head's logits in its dtype, the loss in float32, a few positions at a time (never all the logits)."""
+    rows = max(1, HEAD_CHUNK_ELEMENTS // int(head.weight.shape[0]))
+    total = 0.0
+    for lo in range(0, hidden.shape[0], rows):
+        logits = head(hidden[lo:lo + rows]).float()
+        total += F.cross_entropy(logits, labels[lo:lo + rows], reduction="sum").double().item()
+    return total
+
+
+@torch.inference_mode()
 def chunks_nll(model: nn.Module, chunks: torch.Tensor, batch_size: int = 4, progress: bool = True,
                desc: str = "ppl") -> tuple[float, int]:
-    """Summed next-token NLL (float64) and the number of scored tokens over all chunks."""
+    """Summed next-token NLL (float64) and the number of scored tokens over all chunks.
+
+    The decoder runs ``batch_size`` chunks at a time; the LM head and the loss then run over the
+    scored positions a few at a time (:func:`_scored_nll`), so the vocabulary-sized logits of a whole
+    batch never exist (the last position of each chunk, which scores nothing, gets none). The
+    numbers are those of ``model(batch).logits`` in the model's dtype with an fp32 loss.
+    """
     from tqdm.auto import tqdm
 
     device = _device_of(model)
+    parts = _backbone_and_head(model)
     total, count = 0.0, 0
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
     for start in tqdm(range(0, len(chunks), batch_size), desc=desc, unit="batch", disable=not progress,
                       leave=False):
         batch = chunks[start:start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        # fp32 loss: a bf16/fp16 log-softmax over a 32k vocabulary loses digits that PPL shows.
-        shift = logits[:, :-1, :].float()
-        labels = batch[:, 1:]
-        total += loss_fn(shift.reshape(-1, shift.size(-1)), labels.reshape(-1)).double().item()
+        labels = batch[:, 1:].reshape(-1)
+        if parts is not None:
+            backbone, head = parts
+            hidden = backbone(input_ids=batch, use_cache=False).last_hidden_state
+            total += _scored_nll(hidden[:, :-1].reshape(-1, hidden.shape[-1]), head, labels)
+        else:
+            logits = model(input_ids=batch, use_cache=False).logits
+            # fp32 loss: a bf16/fp16 log-softmax over a 32k vocabulary loses digits that PPL shows.
+            shift = logits[:, :-1, :].float()
+            total += F.cross_entropy(shift.reshape(-1, shift.size(-1)), labels, reduction="sum").double().item()
         count += labels.numel()
-        del logits, shift
     return total, count
 
 

@@ -182,3 +182,20 @@ def test_ppl_loss_is_fp32_for_bf16_models(tiny_model_and_tokenizer):
     # 2**-9 = 2e-3): even averaged over these 248 tokens that leaves a few 1e-5, far outside 1e-6.
     assert got["mean_nll"] == pytest.approx(nll / count, rel=1e-6)
     assert got["value"] == pytest.approx(math.exp(nll / count), rel=1e-6 * nll / count)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_head_scores_what_full_logits_score(tiny_model_and_tokenizer, monkeypatch, dtype):
+    """The head and loss run a few positions at a time on the decoder's output: the numbers of
+    ``model(batch).logits`` (fp32 loss) in the model's own dtype, with and without the chunking."""
+    model, tok = tiny_model_and_tokenizer
+    model = model.to(dtype)
+    chunks = make_chunks(tokenize_stream(tok, TEXT), 32)
+    assert ppl._backbone_and_head(model) is not None
+    monkeypatch.setattr(ppl, "HEAD_CHUNK_ELEMENTS", 7 * model.get_output_embeddings().weight.shape[0])
+    chunked, count = ppl.chunks_nll(model, chunks, batch_size=3, progress=False)
+    monkeypatch.setattr(ppl, "_backbone_and_head", lambda m: None)
+    full, full_count = ppl.chunks_nll(model, chunks, batch_size=3, progress=False)
+    assert count == full_count == chunks.shape[0] * 31
+    # the same logits rows in the same dtype; fp32 sums over other groupings of positions
+    assert chunked == pytest.approx(full, rel=count * torch.finfo(torch.float32).eps)
