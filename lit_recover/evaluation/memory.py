@@ -96,6 +96,16 @@ def _rss_bytes() -> int:
 
 
 def _process_peak_rss_bytes() -> int | None:
+    # Linux: the peak of this program's own memory (VmHWM). ru_maxrss would also hold the peak of
+    # the process that started this one (the kernel keeps it across fork and exec), so a model
+    # measured in a process started by a bigger one would be charged the parent's memory.
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
         import sys

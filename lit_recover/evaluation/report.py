@@ -447,17 +447,13 @@ def compare_table(results: Sequence[dict], labels: Sequence[str] | None = None,
 _CHART_UNITS = ("perplexity", "fraction", "ms", "tokens/s", "MiB")
 
 
-def compare_chart(results: Sequence[dict], labels: Sequence[str], path: str | Path,
-                  overwrite: bool = False) -> Path:
-    """Save a PNG of grouped bars (one panel per unit: perplexity, accuracy, latency, memory)."""
-    import matplotlib
+def chart_panels(results: Sequence[dict]) -> dict[str, list[tuple[str, list[float | None]]]]:
+    """What the chart draws: ``{unit: [(row name, [value per results]), ...]}``, one panel per unit.
 
-    matplotlib.use("Agg")  # no display needed; must precede pyplot
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists; pass --overwrite to replace it")
+    Every row a results has a number for is kept, with ``None`` for the results that lack it (the
+    base and pruned columns of a demo measured on perplexity only, say); a row no results has a
+    number for is left out.
+    """
     panels: dict[str, list[tuple[str, list[float | None]]]] = {}
     for row_path, unit, leaves in comparison_rows(results):
         if unit not in _CHART_UNITS or row_path.startswith("memory/parameters"):
@@ -465,26 +461,64 @@ def compare_chart(results: Sequence[dict], labels: Sequence[str], path: str | Pa
         values = [None if leaf is None else _number(leaf) for leaf in leaves]
         if any(v is not None for v in values):
             panels.setdefault(unit, []).append((short_name(row_path), values))
+    return panels
+
+
+def _bar_text(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def chart_figure(results: Sequence[dict], labels: Sequence[str]):
+    """The comparison chart as a matplotlib figure: one panel per unit (perplexity, accuracy,
+    latency, throughput, memory), in every panel one bar per row for every model that has the
+    number, in the same colour for a model throughout, its value written on it; a model without
+    the number gets an ``n/a`` mark and no bar. The caller closes the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    labels = list(labels)
+    if len(labels) != len(results):
+        raise ValueError(f"{len(labels)} labels for {len(results)} results")
+    panels = chart_panels(results)
     if not panels:
         raise ValueError("no numeric results to chart")
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 1.2 * max(len(r) for r in panels.values()) + 3),
-                                                      3.2 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 0.6 * len(results) * max(len(r) for r in panels.values())
+                                                          + 3), 3.2 * len(panels)), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key().get("color") or ["C0"]
     width = 0.8 / len(results)
     for ax, (unit, rows) in zip(axes[:, 0], panels.items(), strict=True):
         for j, label in enumerate(labels):
             xs = [i + (j - (len(results) - 1) / 2) * width for i in range(len(rows))]
-            ys = [vals[j] if vals[j] is not None else 0.0 for _, vals in rows]
-            bars = ax.bar(xs, ys, width, label=label)
-            for bar, (_, vals) in zip(bars, rows, strict=True):
-                if vals[j] is None:  # a missing value is not a zero: mark it
-                    bar.set_alpha(0.0)
-                    ax.annotate("n/a", (bar.get_x() + bar.get_width() / 2, 0), ha="center", va="bottom",
-                                fontsize=7)
+            present = [(x, vals[j]) for x, (_, vals) in zip(xs, rows, strict=True) if vals[j] is not None]
+            colour = colours[j % len(colours)]
+            if present:  # a missing value is not a zero: no bar, an n/a mark
+                bars = ax.bar([x for x, _ in present], [v for _, v in present], width, label=label, color=colour)
+                ax.bar_label(bars, labels=[_bar_text(v) for _, v in present], fontsize=6, padding=1)
+            else:  # still in the legend, so that the colours read the same in every panel
+                ax.bar([], [], width, label=label, color=colour)
+            for x, (_, vals) in zip(xs, rows, strict=True):
+                if vals[j] is None:
+                    ax.annotate("n/a", (x, 0), ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels([name for name, _ in rows], rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("accuracy" if unit == "fraction" else unit)
-        ax.legend(fontsize=8)
+        ax.margins(y=0.12)  # room for the values on the bars
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not over them
     fig.tight_layout()
+    return fig
+
+
+def compare_chart(results: Sequence[dict], labels: Sequence[str], path: str | Path,
+                  overwrite: bool = False) -> Path:
+    """Save a PNG of grouped bars (:func:`chart_figure`: one panel per unit, every model in every panel)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists; pass --overwrite to replace it")
+    fig = chart_figure(results, labels)  # selects the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
+
     try:
         atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix[1:] or "png", dpi=110), overwrite=overwrite)
     finally:
