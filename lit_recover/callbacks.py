@@ -283,7 +283,8 @@ class RecoveryOutputs(Callback):
 
                 state = load_file(str(path))
             else:  # told to every rank, so that none waits for a broadcast that never comes
-                state = f"{path}: the best checkpoint's adapter is missing; pass --keep_last true to write the last step"
+                state = (f"{path}: the best checkpoint's adapter is missing; "
+                         "pass --keep_last true to write the last step")
         state = trainer.strategy.broadcast(state, src=0)
         if isinstance(state, str):
             raise MissingCheckpointError(state)

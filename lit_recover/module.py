@@ -799,7 +799,8 @@ class LoRARecoveryModule(L.LightningModule):
 
     def _last_checkpoint(self) -> str | None:
         callback = getattr(self.trainer, "checkpoint_callback", None) if self._trainer is not None else None
-        return getattr(callback, "last_step_checkpoint", None) or getattr(callback, "_last_checkpoint_saved", None) or None
+        return (getattr(callback, "last_step_checkpoint", None)
+                or getattr(callback, "_last_checkpoint_saved", None) or None)
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -410,9 +410,8 @@ def test_two_nodes_on_localhost(tiny_pruned_path, setting, reference, tmp_path):
 def test_fsdp2_two_processes_match_one_and_resume(tiny_pruned_path, setting, reference, tmp_path):
     from peft import PeftModel
 
-    from lit_recover.models.load import load_pruned
-
     from lit_recover.evaluation import EvalConfig, evaluate_model, with_deltas
+    from lit_recover.models.load import load_pruned
 
     base_cmd = [sys.executable, str(MAIN), "fit", *scale_config("fsdp")]
     run_a = tmp_path / "fsdp"

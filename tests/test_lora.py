@@ -26,8 +26,8 @@ class MaskDropout(torch.nn.Module):
 def _peft_model(dropout: float, seed: int = 0):
     from peft import LoraConfig, get_peft_model
 
-    from lit_recover.module import DEFAULT_TARGET_MODULES
     from lit_recover.demos.tiny import build_tiny_pruned
+    from lit_recover.module import DEFAULT_TARGET_MODULES
 
     model, _ = build_tiny_pruned(seed=seed)
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=DEFAULT_TARGET_MODULES,

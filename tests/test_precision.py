@@ -181,9 +181,8 @@ def test_lean_lora_serves_a_bf16_base_with_fp32_adapters(dropout):
     gradients. Both sides round the same bf16 activations; what can differ is the order in which
     autograd sums the bf16 gradients of an input read by several projections, so gradients agree to
     a few bf16 units in the last place (2^-8 relative), the loss to float32 rounding of the same."""
-    from tests.test_lora import MaskDropout
-
     from lit_recover.lora import use_lean_lora
+    from tests.test_lora import MaskDropout
 
     reference = _bf16_peft(dropout)
     lean = copy.deepcopy(reference)

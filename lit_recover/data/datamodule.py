@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from lit_recover.data.collate import PackCollator, PadCollator, require_packing_support
 from lit_recover.data.prompts import PromptTemplate, TemplateError, load_template
-from lit_recover.data.records import DataError, read_hub, is_local_path, load_records
+from lit_recover.data.records import DataError, is_local_path, load_records, read_hub
 from lit_recover.data.sampler import SPLIT_SEED, ShardedBatchSampler, split_indices
 from lit_recover.data.tokenize import TokenizedDataset, tokenize_records
 
@@ -108,7 +108,9 @@ class AlpacaDataModule(L.LightningDataModule):
         if cutoff_len < 2:
             raise DataError(f"cutoff_len must be at least 2, got {cutoff_len}")
         if micro_batch_size < 1 or batch_size < 1:
-            raise DataError(f"batch sizes must be at least 1, got batch_size={batch_size}, micro_batch_size={micro_batch_size}")
+            raise DataError(
+                f"batch sizes must be at least 1, got batch_size={batch_size}, micro_batch_size={micro_batch_size}"
+            )
         self.data_path = data_path
         self.val_set_size = val_set_size
         self.cutoff_len = cutoff_len

@@ -52,7 +52,9 @@ def _placeholders(text: str, source: str, key: str) -> set[str]:
     try:
         return {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
     except ValueError as exc:  # unbalanced braces
-        raise TemplateError(f"{source}: '{key}' is not a valid format string ({exc}); write literal braces as {{{{ }}}}") from None
+        raise TemplateError(
+            f"{source}: '{key}' is not a valid format string ({exc}); write literal braces as {{{{ }}}}"
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,9 @@ def read_hub(name: str, cache_dir: str | None, max_records: int | None) -> list[
         table = datasets.load_dataset(name, split="train", cache_dir=cache_dir)
     except Exception as exc:  # offline, unknown id, no train split: all end the run the same way
         message = " ".join(str(exc).split())
-        raise DataError(f"{name}: cannot load the hub dataset's train split ({type(exc).__name__}: {message})") from None
+        raise DataError(
+            f"{name}: cannot load the hub dataset's train split ({type(exc).__name__}: {message})"
+        ) from None
     if max_records is not None:
         table = table.select(range(min(max_records, len(table))))
     return table.to_list()

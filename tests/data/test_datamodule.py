@@ -13,12 +13,12 @@ import torch
 
 from lit_recover.data import IGNORE_INDEX, AlpacaDataModule, DataError
 from lit_recover.data.collate import PadCollator, padding_fraction
+from lit_recover.data.prompts import load_template
 from lit_recover.data.records import load_records
 from lit_recover.data.sampler import ShardedBatchSampler
 from lit_recover.data.tokenize import TokenizedDataset, tokenization_fingerprint
-from lit_recover.models.load import prepare_tokenizer
-from lit_recover.data.prompts import load_template
 from lit_recover.demos.tiny import build_tokenizer
+from lit_recover.models.load import prepare_tokenizer
 from tests.conftest import shared_data
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "alpaca_small.json"

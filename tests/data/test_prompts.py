@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from lit_recover.data.prompts import PromptTemplate, TemplateError, builtin_templates, load_template, resolve_template_path
+from lit_recover.data.prompts import (
+    PromptTemplate,
+    TemplateError,
+    builtin_templates,
+    load_template,
+    resolve_template_path,
+)
 
 ALPACA_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "

@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from lit_recover.data import IGNORE_INDEX, AlpacaDataModule, DataError
-from lit_recover.data.records import load_records
-from lit_recover.models.load import prepare_tokenizer
 from lit_recover.data.prompts import load_template
+from lit_recover.data.records import load_records
 from lit_recover.demos.tiny import build_tokenizer
+from lit_recover.models.load import prepare_tokenizer
 
 TOKENIZER = build_tokenizer()
 prepare_tokenizer(TOKENIZER)

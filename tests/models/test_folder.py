@@ -12,7 +12,6 @@ import torch
 
 from lit_recover.convert import convert, main
 from lit_recover.models.checks import PrunedModelError
-from lit_recover.models.load import load_pruned, save_pruned
 from lit_recover.models.folder import (
     SHAPES_FILE,
     WEIGHTS_FILE,
@@ -20,6 +19,7 @@ from lit_recover.models.folder import (
     load_pruned_folder,
     save_pruned_folder,
 )
+from lit_recover.models.load import load_pruned, save_pruned
 from lit_recover.pruning import layer_shapes
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pickles"

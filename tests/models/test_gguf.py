@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from lit_recover.demos.tiny import build_tiny_llama, build_tokenizer
 from lit_recover.models import gguf as smollm2
 from lit_recover.models.gguf import ConversionError, convert_gguf, convert_smollm2
-from lit_recover.demos.tiny import build_tiny_llama, build_tokenizer
 
 
 def _llama_cpp_order(weight: np.ndarray, n_head: int) -> np.ndarray:

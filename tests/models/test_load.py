@@ -1,10 +1,10 @@
 import pytest
 import torch
 
+from lit_recover.demos.tiny import build_tiny_pruned
 from lit_recover.models.checks import PrunedModelError
 from lit_recover.models.load import load_pruned, save_pruned
 from lit_recover.pruning import layer_shapes
-from lit_recover.demos.tiny import build_tiny_pruned
 
 
 def test_load_pickle_train_mode_pad_and_uneven_shapes(tiny_pruned_path):
@@ -80,8 +80,8 @@ def test_default_path_never_calls_torch_load(tiny_pruned_path, monkeypatch):
 
 
 def test_read_model_keeps_the_stored_state_and_dtype_casts(tmp_path):
-    from lit_recover.models.load import read_model
     from lit_recover.models.folder import save_pruned_folder
+    from lit_recover.models.load import read_model
 
     model, tok = build_tiny_pruned()
     save_pruned_folder(model, tok, tmp_path / "f")

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_recover.demos.tiny import build_tiny_pruned
 from lit_recover.models.checks import PrunedModelError
 from lit_recover.models.load import load_pruned, save_pruned
-from lit_recover.pruning import layer_shapes, prune_attention_groups, prune_mlp_channels
 from lit_recover.models.safe_pickle import PickledObject, UnsafePickleError, safe_load, walk_records
-from lit_recover.demos.tiny import build_tiny_pruned
+from lit_recover.pruning import layer_shapes, prune_attention_groups, prune_mlp_channels
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pickles"
 VERSIONED = sorted(p.stem for p in FIXTURES.glob("*.bin"))
