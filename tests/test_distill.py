@@ -231,6 +231,27 @@ def test_packed_rows_distill_like_padded_ones(pair):
         torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=1e-8, atol=1e-12, msg=name)
 
 
+def test_gradient_checkpointing_distills_the_same(pair):
+    """With the student's gradient checkpointing (its layers run again in the backward pass, the
+    hidden-state hooks long gone by then) the loss, its parts and the gradients are the same; float64."""
+    features = _features()
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same LoRA A initialisation
+        module = LoRARecoveryModule(str(pair["pruned"]), teacher=str(pair["base"]), lora_dropout=0.0,
+                                    kd_hidden_weight=0.5, gradient_checkpointing=checkpointing).double()
+        _lora_b_random(module)
+        out = module.distill_loss(PadCollator(0)(features))
+        out.loss.backward()
+        results.append((out, {n: p.grad for n, p in module.named_parameters() if p.requires_grad}))
+    (plain, plain_grads), (checkpointed, checkpointed_grads) = results
+    assert plain.hidden > 1e-6
+    for a, b in ((checkpointed.loss, plain.loss), (checkpointed.kd, plain.kd), (checkpointed.hidden, plain.hidden)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-8, atol=1e-12, msg=name)
+
+
 # --- the teacher in the module ------------------------------------------------------------------------------
 def test_gradients_reach_only_the_lora_weights(pair):
     module = LoRARecoveryModule(str(pair["pruned"]), teacher=str(pair["base_pickle"]), lora_dropout=0.0,
@@ -380,6 +401,31 @@ def test_token_weighted_windows_with_a_teacher(pair, alpaca_json, tmp_path, posi
         module.distill_loss(batch).loss.backward()
         for name, p in params.items():
             torch.testing.assert_close(record.grads[w][name], p.grad, rtol=1e-9, atol=1e-12, msg=f"window {w}: {name}")
+
+
+@pytest.mark.slow
+def test_a_fit_logs_the_distillation_parts(pair, alpaca_json, tmp_path):
+    """train/ce_loss, train/kd_loss, train/hidden_loss and val/kd_loss are logged; train/loss is the
+    whole objective and val/loss stays the CE."""
+    from lit_recover.data import AlpacaDataModule
+
+    module = LoRARecoveryModule(str(pair["pruned"]), teacher=str(pair["base"]), kd_hidden_weight=0.5, kd_ratio=0.4)
+    datamodule = AlpacaDataModule(data_path=str(alpaca_json), val_set_size=4, cutoff_len=64, batch_size=2,
+                                  micro_batch_size=2, tokenizer=module.tokenizer, cache_dir=str(tmp_path / "c"))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, limit_val_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, num_sanity_val_steps=0, val_check_interval=1)
+    trainer.fit(module, datamodule=datamodule)
+    m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    for key in ("train/ce_loss", "train/kd_loss", "train/hidden_loss", "val/kd_loss", "val/loss"):
+        assert key in m and math.isfinite(m[key]) and m[key] > 0, (key, m)
+    want = 0.6 * m["train/ce_loss"] + 0.4 * m["train/kd_loss"] + 0.5 * m["train/hidden_loss"]
+    assert m["train/loss"] == pytest.approx(want, rel=1e-5)
+    with torch.no_grad():  # val/loss is the CE of the validation batch, not the objective
+        batch = next(iter(datamodule.val_dataloader()))
+        module.eval()
+        ce, _ = module.supervised_loss(batch)
+    assert m["val/loss"] == pytest.approx(float(ce), rel=1e-5)
 
 
 # --- the share of the gap won back -----------------------------------------------------------------------------
