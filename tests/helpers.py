@@ -30,7 +30,8 @@ class PoisonAtStep(L.Callback):
 
 
 class NanLossAtBatch(L.Callback):
-    """Make the loss of one micro-batch NaN (the LM head's output), leaving the weights alone."""
+    """Make the loss of one micro-batch NaN (the decoder's final norm: the chunked head multiplies by the
+    head's weight without calling the module), leaving the weights alone."""
 
     def __init__(self, batch: int) -> None:
         self.batch = batch
@@ -38,7 +39,7 @@ class NanLossAtBatch(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.batch:
-            self._hook = pl_module.lm_head.register_forward_hook(lambda m, i, out: out * float("nan"))
+            self._hook = pl_module.backbone.norm.register_forward_hook(lambda m, i, out: out * float("nan"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._hook is not None:

@@ -1,4 +1,7 @@
-"""A callback that makes one micro-batch's loss NaN on one rank only (through the LM head's output)."""
+"""A callback that makes one micro-batch's loss NaN on one rank only (through the decoder's final norm).
+
+The norm, not the LM head: the chunked head multiplies by the head's weight without calling the module.
+"""
 
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ class NaNOnce(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if trainer.global_rank == self.rank and trainer.current_epoch == 0 and batch_idx == self.batch_idx:
-            head = pl_module.model.get_base_model().lm_head
-            self._handle = head.register_forward_hook(lambda module, args, out: out * torch.nan)
+            norm = pl_module.backbone.norm
+            self._handle = norm.register_forward_hook(lambda module, args, out: out * torch.nan)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
