@@ -1090,6 +1090,13 @@ class LoRARecoveryModule(L.LightningModule):
     def on_train_end(self) -> None:
         # a collective under DDP/FSDP2 (every rank ends training here); RecoveryOutputs records it
         self.training_summary = self.training_summary_now()
+        teacher = self.teacher
+        if teacher is not None and not self._teacher_sharded and next(teacher.parameters()).device.type != "cpu":
+            # off the accelerator before the end-of-fit merge and evaluation, whose memory peaks it
+            # would otherwise inflate (a later step moves it back: _place_teacher)
+            teacher.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def training_progress(self) -> dict[str, Any]:
         """``{"tokens", "supervised_tokens", "seconds"}`` trained so far, resumed runs included: the
