@@ -179,9 +179,10 @@ def _device_of(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-HEAD_CHUNK_ELEMENTS = 1 << 22
-"""Positions × vocabulary of the logits scored at once: 16 MiB in float32 (85 positions of a
-49,152-token vocabulary), small enough for the log-softmax passes to stay in the CPU's caches."""
+HEAD_CHUNK_ELEMENTS = 1 << 25
+"""Positions × vocabulary of the logits scored at once: 128 MiB in float32 (682 positions of a
+49,152-token vocabulary, 1,048 of LLaMA's 32,000): a whole batch of 4 × 128-token chunks in one head
+matmul (narrower ones run the matmul less efficiently), a bounded share of a 2,048-token protocol's."""
 
 
 def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
@@ -208,7 +209,7 @@ def _scored_nll(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> 
     return total
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: under FSDP2 the gathered weights would become inference tensors
 def chunks_nll(model: nn.Module, chunks: torch.Tensor, batch_size: int = 4, progress: bool = True,
                desc: str = "ppl") -> tuple[float, int]:
     """Summed next-token NLL (float64) and the number of scored tokens over all chunks.
