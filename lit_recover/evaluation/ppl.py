@@ -188,6 +188,8 @@ matmul (narrower ones run the matmul less efficiently), a bounded share of a 2,0
 def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """The decoder stack and the plain linear LM head of a LLaMA-family causal LM, or ``None`` where
     the logits are more than ``head(last hidden state)`` (soft-capped or scaled logits, another head)."""
+    if hasattr(model, "get_base_model"):  # a PEFT wrapper: its LoRA layers sit inside the base model's modules
+        model = model.get_base_model()
     backbone = getattr(model, "model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)
