@@ -255,3 +255,28 @@ def test_bf16_base_fit_keeps_adapter_and_optimizer_in_fp32(tiny_pruned_path, alp
     rows = list(csv.DictReader(next((out / "logs").rglob("metrics.csv")).open()))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+# --- the precision benchmark's arithmetic -------------------------------------------------------------------
+def test_bench_precision_summary_and_tag(monkeypatch):
+    from benchmarks.bench_precision import cpu_tag, markdown, summarize
+
+    steps = {"float32": [{"cpu_s": 9.0, "wall_s": 9.5, "loss": 3.0, "tokens": 100},
+                         {"cpu_s": 4.0, "wall_s": 5.0, "loss": 2.5, "tokens": 100},
+                         {"cpu_s": 6.0, "wall_s": 7.0, "loss": 2.0, "tokens": 100}],
+             "bfloat16": [{"cpu_s": 8.0, "wall_s": 8.0, "loss": 3.01, "tokens": 100},
+                          {"cpu_s": 2.0, "wall_s": 3.0, "loss": 2.55, "tokens": 100},
+                          {"cpu_s": 3.0, "wall_s": 4.0, "loss": 2.01, "tokens": 100}]}
+    s = summarize(steps, skip=1)  # the first step is untimed
+    assert s["float32"]["median_cpu_s_per_step"] == 5.0 and s["bfloat16"]["fastest_cpu_s_per_step"] == 2.0
+    assert s["ratios"]["tokens_per_cpu_s"] == pytest.approx((200 / 5.0) / (200 / 10.0))
+    assert s["loss_difference"]["max_abs"] == pytest.approx(0.05)
+    assert s["loss_difference"]["max_relative"] == pytest.approx(0.05 / 2.5)
+    report = {"tag": "t", "command": "c", "hardware": {}, "detection": {}, "load_avg_start": [0], "load_avg_end": [0],
+              "settings": {"steps": 3, "micro_batch_size": 4, "cutoff_len": 128, "learning_rate": 1e-4, "skip": 1},
+              "summary": s}
+    assert "| tokens per CPU-second | 20 | 40 | 2.000 |" in markdown(report)
+    monkeypatch.setenv(ENV_VAR, "bf16,fp16")
+    assert cpu_tag().endswith("-bf16-fp16")
+    monkeypatch.setenv(ENV_VAR, "none")
+    assert cpu_tag().endswith("-no-native-16bit")
