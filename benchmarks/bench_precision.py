@@ -98,9 +98,9 @@ def train_paired(model_path: str, data: list[dict], lr: float) -> dict[str, Any]
 
 def peak_rss_worker(model_path: str, dtype: str, data_file: str, lr: float) -> None:
     """One arm alone (a child process): train on the pickled batches, print the peak RSS in MiB."""
-    import torch
-
     import gc
+
+    import torch
 
     from benchmarks.meter import reset_peak_rss, status_kib
 
