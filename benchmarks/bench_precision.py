@@ -167,7 +167,8 @@ def markdown(report: dict[str, Any]) -> str:
         a, b = rss["float32_at_train_start"], rss["bfloat16_at_train_start"]
         lines.append(f"| RSS when training starts (MiB) | {a:.0f} | {b:.0f} | {b / a:.3f} |")
     d = s["loss_difference"]
-    lines += ["", f"Loss, bf16 − fp32 per step: max |difference| {d['max_abs']:.4f} (relative {d['max_relative']:.2e}), "
+    lines += ["", "Loss, bf16 − fp32 per step: "
+              f"max |difference| {d['max_abs']:.4f} (relative {d['max_relative']:.2e}), "
               f"mean {d['mean']:+.4f}.", "", "| step | fp32 loss | bf16 loss | difference |", "|---|---|---|---|"]
     for i, (a, b) in enumerate(zip(s["float32"]["losses"], s["bfloat16"]["losses"])):
         lines.append(f"| {i + 1} | {a:.4f} | {b:.4f} | {b - a:+.4f} |")
