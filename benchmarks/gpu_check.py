@@ -6,8 +6,8 @@ by the project's pruner (``random`` importance), the data are generated Alpaca-s
 tokenizer is a byte-level BPE trained on them and padded to the model's vocabulary. The stages, in
 order, each recorded with its status (``ok``, ``failed``, ``skipped`` with the reason) and seconds:
 
-1. ``model``: build, prune, write the pruned folder (``lit_recover.models.folder``), the records and
-   a perplexity text;
+1. ``model``: build, write the dense folder (the distillation's teacher), prune, write the pruned
+   folder (``lit_recover.models.folder``), the records and a perplexity text;
 2. ``peak``: the device's matmul rate at the pruned model's projection shapes and a micro-batch's
    tokens, in bfloat16 (lit-recover's ``bf16-mixed``) and float16 (the recipe's fp16), the median of
    repeats (``benchmarks.matmul_peak``): what MFU divides by;
@@ -21,7 +21,10 @@ order, each recorded with its status (``ok``, ``failed``, ``skipped`` with the r
    (``data.padding_free``) and padded, then under ``configs/scale/fsdp.yaml`` (FSDP2, activation
    checkpointing) packed and padded: four runs one after the other in one process, each result
    written as it ends (a run cut short by the budget leaves the others');
-6. ``distillation``: a step with a 7B-shaped teacher, once distillation exists (skipped until then).
+6. ``distillation``: the same steps distilled from the dense 7B-shaped model (``--model.teacher``, the
+   module's default distillation settings), ``configs/scale/ddp.yaml``, packed. Its MFU counts the
+   student's LoRA FLOPs only: the teacher's forward pass is extra work the number leaves out, so its
+   tokens/s and seconds per step against ``ddp_packed`` are the cost of distillation.
 
 Every fit run carries the benchmark's meter (``benchmarks.meter``): tokens/s over the steps after the
 first ``skip``, model FLOPs per step (``lit_recover.models.flops``), MFU against the measured peak
@@ -83,6 +86,8 @@ TINY = Shapes(hidden_size=64, num_layers=4, intermediate_size=176, num_heads=4, 
 # name -> (scale overlay, packed micro-batches), in the order the fit stage runs them
 FIT_RUNS = {"ddp_packed": ("ddp", True), "ddp_padded": ("ddp", False),
             "fsdp2_packed": ("fsdp", True), "fsdp2_padded": ("fsdp", False)}
+# the distillation stage's run: the ddp_packed run with the dense model as its teacher
+DISTILL_RUN = "distill_ddp_packed"
 
 
 @dataclass
@@ -231,6 +236,7 @@ class Check:
         }
         self.model = self.tokenizer = None
         self.folder: Path | None = None
+        self.teacher: Path | None = None  # the dense model's folder, the distillation's teacher
         self.data: Path | None = None
         self.text: Path | None = None
         self.peaks: dict[str, dict[str, Any]] = {}
@@ -289,6 +295,8 @@ class Check:
         dtype = getattr(torch, plan.matmul_dtype)
         self.model = build_model(plan.shapes, self.tokenizer, plan.device, dtype)
         params_dense = sum(p.numel() for p in self.model.parameters())
+        self.teacher = self.workdir / "dense_model"
+        save_pruned_folder(self.model, self.tokenizer, self.teacher)
         t2 = time.perf_counter()
         pruning = prune_model(self.model, self.tokenizer, plan.pruning_ratio, criterion="random", seed=0)
         t3 = time.perf_counter()
@@ -304,7 +312,8 @@ class Check:
                 "at_cutoff": sum(n >= plan.cutoff_len for n in lengths),
                 "folder_mb": round(sum(p.stat().st_size for p in self.folder.iterdir()) / 2**20, 1),
                 "seconds_by_step": {"tokenizer": round(t1 - t0, 2), "model": round(t2 - t1, 2),
-                                    "prune": round(t3 - t2, 2), "save": round(t4 - t3, 2)}}
+                                    "prune": round(t3 - t2, 2), "save": round(t4 - t3, 2)},
+                "dense_folder_mb": round(sum(p.stat().st_size for p in self.teacher.iterdir()) / 2**20, 1)}
 
     # 2 ---------------------------------------------------------------------------------------------
     def peak(self) -> dict[str, Any]:
@@ -352,17 +361,20 @@ class Check:
 
     # 4-6 -------------------------------------------------------------------------------------------
     def settings(self, name: str | None) -> FitSettings:
-        """The run's ``FitSettings``: the reference (``None``) or a lit-recover run of ``FIT_RUNS``."""
+        """The run's ``FitSettings``: the reference (``None``), a lit-recover run of ``FIT_RUNS`` or
+        ``DISTILL_RUN``."""
         plan = self.plan
         lit_args: list[str] = []
         packed = False
         if name is not None:
-            overlay, packed = FIT_RUNS[name]
+            overlay, packed = FIT_RUNS["ddp_packed" if name == DISTILL_RUN else name]
             # the overlay first: a later --config would override what follows it
             lit_args = ["--config", str(SCALE / f"{overlay}.yaml"), "--trainer.devices", "1",
                         "--trainer.accelerator", "gpu" if plan.device == "cuda" else "cpu",
                         "--trainer.precision", plan.precision, "--model.torch_dtype", plan.torch_dtype,
                         "--model.attn_implementation", "sdpa"]
+            if name == DISTILL_RUN:
+                lit_args += ["--model.teacher", str(self.teacher)]
         return FitSettings(model=str(self.folder), data=str(self.data), batch_size=plan.batch_size,
                            micro_batch_size=plan.micro_batch_size, cutoff_len=plan.cutoff_len, steps=plan.steps,
                            lit_args=lit_args, padding_free=packed, skip_outputs=True)
@@ -403,9 +415,8 @@ class Check:
         self.free_model()
         self.stage("reference", lambda: self.fits("reference", [None], "reference"), needs_s=60, requires=("model",))
         self.stage("fit", lambda: self.fits("lit", list(FIT_RUNS), "fit"), needs_s=90, requires=("model",))
-        # a 7B-shaped teacher step belongs here once the project has distillation
-        self.report["stages"]["distillation"] = {"status": "skipped", "reason": "skipped: no distillation yet"}
-        print("   distillation: skipped (skipped: no distillation yet)", flush=True)
+        self.stage("distillation", lambda: self.fits("lit", [DISTILL_RUN], "distillation"), needs_s=90,
+                   requires=("model",))
         self.report["summary"] = summarize(self.report["runs"], self.peaks, self.plan)
         self.report["elapsed_s"] = round(time.perf_counter() - self.started, 1)
         return self.report

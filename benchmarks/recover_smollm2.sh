@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
-# Prune SmolLM2-135M-Instruct by 20% (Taylor), recover it with LoRA on the Alpaca-cleaned data, and
-# measure base / pruned / recovered: perplexity (WikiText-2 test, PTB validation, seq_len 128) and the
-# seven zero-shot tasks, on the shared offline data. Budget (2 CPU cores): STEPS optimizer steps of
-# 16 records (configs/demo.yaml), LIMIT windows per perplexity text and examples per zero-shot task.
-# Usage: bash benchmarks/recover_smollm2.sh [STEPS] [LIMIT]   (from the repository root)
+# The four-column demo on real data: prune SmolLM2-135M-Instruct by 20% (Taylor), recover it twice with
+# LoRA on the Alpaca-cleaned data (SFT, and distillation from the dense model, each RECOVERY_TIME seconds
+# of training), and measure base / pruned / SFT / distillation: perplexity (WikiText-2 test, PTB
+# validation, the demo's held-out docstrings, seq_len 128) and the seven zero-shot tasks, on the shared
+# offline data. Budget (2 CPU cores): RECOVERY_TIME seconds per recovery (configs/demo.yaml, 16 records
+# a step), LIMIT windows per perplexity text and examples per zero-shot task.
+# The sweep of distillation settings and the equal-time comparison: python -m benchmarks.recover_kd.
+# Usage: bash benchmarks/recover_smollm2.sh [RECOVERY_TIME] [LIMIT]   (from the repository root)
 set -euo pipefail
-STEPS=${1:-32}
+RECOVERY_TIME=${1:-600}
 LIMIT=${2:-64}
+PYTHON=${PYTHON:-.venv/bin/python}
 SHARED=../shared/data
 WORK=results/recover_smollm2          # models and checkpoints (not committed)
 OUT=benchmarks/results/recover_smollm2 # the numbers (committed)
-python -m lit_recover.demo --output_dir "$WORK" --max_steps "$STEPS" --limit "$LIMIT" \
+"$PYTHON" -m lit_recover.demo --output_dir "$WORK" --recovery_time "$RECOVERY_TIME" --limit "$LIMIT" \
     --data_path "$SHARED/alpaca/alpaca_data_cleaned.json" \
     --ppl_data_dir "$SHARED/ppl" --zero_shot_data_dir "$SHARED/zeroshot"
 mkdir -p "$OUT"
-cp "$WORK/summary.md" "$WORK/evaluation_base.json" "$OUT/"
-cp "$WORK/recovered/evaluation/evaluation_results.json" "$OUT/evaluation_pruned_recovered.json"
-cp "$WORK/recovered/config.yaml" "$OUT/recover_config.yaml"
-echo "command: bash benchmarks/recover_smollm2.sh $STEPS $LIMIT" >> "$OUT/summary.md"
-echo "hardware: $(lscpu | sed -n 's/^Model name:\s*//p'), $(nproc) cores; torch $(python -c 'import torch; print(torch.__version__)')" >> "$OUT/summary.md"
+cp "$WORK/summary.md" "$WORK/demo_results.json" "$WORK/comparison.png" "$WORK/evaluation_settings.json" \
+    "$WORK"/evaluation_{base,pruned,sft,distillation}.json "$OUT/"
+cp "$WORK/recovered_sft/config.yaml" "$OUT/recover_config.yaml"
+{
+    echo
+    echo "command: bash benchmarks/recover_smollm2.sh $RECOVERY_TIME $LIMIT"
+    echo "hardware: $(lscpu | sed -n 's/^Model name:\s*//p'), $(nproc) cores; torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
+} >> "$OUT/summary.md"

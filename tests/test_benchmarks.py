@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from benchmarks import bench_fit as fit
-from benchmarks import bench_ppl
+from benchmarks import bench_ppl, recover_kd
 from benchmarks import reference_trainer as ref
+from benchmarks.common import ROOT
 from benchmarks.meter import StepMeter
 from benchmarks.report import compare
 
@@ -148,3 +149,60 @@ def test_ppl_benchmark_gives_the_reference_loops_perplexity(tmp_path):
     saved = json.loads((tmp_path / "out" / "perf_ppl_quick.json").read_text())
     assert saved["result"]["ppl"] == result["ppl"]
     assert "| perplexity |" in (tmp_path / "out" / "perf_ppl_quick.md").read_text()
+
+
+def test_kd_cost_benchmark_trains_each_arm_on_the_recipes_batches(tmp_path, alpaca_json):
+    """bench_kd_cost: the SFT arm's first loss is the CE of the untrained student on the first
+    packed micro-batch (LoRA starts as the identity), computed here from its logits; the
+    distillation arm's differs (the teacher's term), and both report seconds and memory."""
+    import copy
+
+    from benchmarks import bench_kd_cost
+    from lit_recover.demos.tiny import build_tiny_llama, build_tokenizer, prune_unevenly
+    from lit_recover.models.load import save_pruned
+
+    tok = build_tokenizer()
+    base = build_tiny_llama(len(tok), seed=0).eval()
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    pruned = copy.deepcopy(base)
+    prune_unevenly(pruned, seed=0)
+    student = save_pruned(pruned, tok, tmp_path / "pruned" / "pruned_model.bin")
+    out = tmp_path / "out"
+    report = bench_kd_cost.main(["--model", str(student), "--teacher", str(tmp_path / "base"), "--data",
+                                 str(alpaca_json), "--arms", "sft,kd", "--steps", "2", "--skip", "0",
+                                 "--pairs", "1", "--micro_batch_size", "2", "--cutoff_len", "64", "--out", str(out)])
+    batch = bench_kd_cost.make_batches(str(student), alpaca_json, 2, 64, 1)[0]
+    assert batch["input_ids"].shape[0] == 1 and int((batch["position_ids"] == 0).sum()) == 2  # packed, 2 records
+    with torch.no_grad():
+        logits = pruned.float()(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    ce = torch.nn.functional.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], ignore_index=-100)
+    arms = report["arms"]
+    assert arms["sft"]["losses"][0] == pytest.approx(float(ce), rel=1e-4)
+    assert abs(arms["kd"]["losses"][0] - arms["sft"]["losses"][0]) > 1e-3
+    for row in arms.values():
+        assert row["s_per_step"] > 0 and row["rss_at_loop_start_mib"] > 0
+    assert json.loads((out / "results.json").read_text())["arms"].keys() == {"sft", "kd"}
+    assert "| kd |" in (out / "summary.md").read_text()
+    with pytest.raises(SystemExit, match="exists"):
+        bench_kd_cost.main(["--model", str(student), "--arms", "sft", "--out", str(out)])
+
+
+@pytest.mark.parametrize("arm", sorted(recover_kd.ARMS))
+def test_every_recovery_benchmark_arm_is_a_valid_fit_command_line(arm, tiny_pruned_path, capsys):
+    """The recovery benchmark's arms name real keys with valid values: the fit's parser takes each
+    (``--print_config`` parses everything and stops before any model loads) and keeps its values."""
+    import yaml
+
+    from lit_recover.cli import run_cli
+
+    extra = [a.replace("{teacher}", str(tiny_pruned_path)) for a in recover_kd.ARMS[arm]]
+    with pytest.raises(SystemExit) as stop:
+        run_cli(["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--model.pruned_model", str(tiny_pruned_path),
+                 "--data.padding_free", "true", "--trainer.max_time", "00:00:03:00", *extra, "--print_config"])
+    assert stop.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    for flag, value in zip(extra[::2], extra[1::2], strict=True):
+        section, key = flag.removeprefix("--").split(".")
+        got = config[section][key]
+        assert (got == float(value)) if isinstance(got, float) else (str(got) == value), (flag, got)

@@ -29,9 +29,7 @@ def test_dry_run_runs_every_stage_and_reports_mfu_and_ratios(tmp_path):
     assert (tmp_path / "gpu_check_dry.log").read_text().strip().endswith(f"wrote {out}")
     stages = report["stages"]
     assert {k: v["status"] for k, v in stages.items()} == {
-        "model": "ok", "peak": "ok", "evaluation": "ok", "reference": "ok", "fit": "ok", "distillation": "skipped"}
-    assert stages["distillation"]["reason"] == "skipped: no distillation yet"
-    assert "skipped: no distillation yet" in proc.stdout
+        "model": "ok", "peak": "ok", "evaluation": "ok", "reference": "ok", "fit": "ok", "distillation": "ok"}
     plan = report["plan"]
     model = stages["model"]
     assert model["tokenizer"]["vocab_size"] == plan["shapes"]["vocab_size"]
@@ -44,7 +42,11 @@ def test_dry_run_runs_every_stage_and_reports_mfu_and_ratios(tmp_path):
 
     peak = stages["peak"]["peaks"][plan["matmul_dtype"]]["flops_per_s"]
     runs, summary = report["runs"], report["summary"]
-    assert set(runs) == {"ddp_packed", "ddp_padded", "fsdp2_packed", "fsdp2_padded", "reference"}
+    assert set(runs) == {"ddp_packed", "ddp_padded", "fsdp2_packed", "fsdp2_padded", "distill_ddp_packed",
+                         "reference"}
+    flag, teacher = runs["distill_ddp_packed"]["lit_args"][-2:]
+    assert flag == "--model.teacher" and Path(teacher).name == "dense_model"
+    assert stages["model"]["dense_folder_mb"] > stages["model"]["folder_mb"]  # the teacher is the unpruned model
     for name, run in runs.items():
         assert run["status"] == "ok" and len(run["steps"]) == plan["steps"], name
         timed = run["steps"][plan["skip"]:]
@@ -57,7 +59,7 @@ def test_dry_run_runs_every_stage_and_reports_mfu_and_ratios(tmp_path):
     assert runs["ddp_packed"]["steps"][0]["positions"] == runs["ddp_packed"]["steps"][0]["tokens"]  # packed
     assert summary["ddp_padded"]["padded_fraction"] > 0
     ref = summary["reference"]
-    for name in ("ddp_packed", "ddp_padded", "fsdp2_packed", "fsdp2_padded"):
+    for name in ("ddp_packed", "ddp_padded", "fsdp2_packed", "fsdp2_padded", "distill_ddp_packed"):
         vs = summary[name]["vs_reference"]
         assert vs["tokens_per_s"] == pytest.approx(summary[name]["tokens_per_s"] / ref["tokens_per_s"], rel=1e-12)
         assert vs["peak_memory"] == pytest.approx(summary[name]["peak_memory_mb"] / ref["peak_memory_mb"], rel=1e-12)
