@@ -12,7 +12,8 @@ Per arm: the seconds of a step (forward, backward and the AdamW step of one micr
 the steps after ``--skip``, per process, the processes alternating A B A B), and the peak resident
 memory of the training loop above the memory at its start (``VmHWM`` reset when the loop starts), and
 that start (the model, the teacher, the LoRA weights). The models load in the CPU default dtype
-(``lit_recover.hardware``), as a fit's would.
+(``lit_recover.cli.default_torch_dtype``: bfloat16 where the CPU has native bf16) with the fused
+projections, as a fit's would.
 
     python -m benchmarks.bench_kd_cost --model results/recover_kd/pruned_taylor20/pruned_model.bin
 """
@@ -84,14 +85,16 @@ def worker(arm: str, model: str, teacher: str, batches_file: str) -> dict[str, A
     import torch
 
     from benchmarks.meter import reset_peak_rss, status_kib
+    from lit_recover.cli import default_torch_dtype
     from lit_recover.module import LoRARecoveryModule
 
     spec = dict(ARMS[arm])
     kwargs = {k: v for k, v in spec.items() if k != "teacher"}
     if spec.get("teacher"):
         kwargs["teacher"] = teacher
-    module = LoRARecoveryModule(model, **kwargs)
+    module = LoRARecoveryModule(model, torch_dtype=default_torch_dtype("cpu"), **kwargs)  # as a CPU fit's
     module.train()
+    module.fuse_projections_now()  # as the fit's first step does
     optim = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=5e-4)
     batches = torch.load(batches_file, weights_only=False)
     gc.collect()
@@ -117,7 +120,8 @@ def worker(arm: str, model: str, teacher: str, batches_file: str) -> dict[str, A
 def markdown(report: dict[str, Any]) -> str:
     rows = report["arms"]
     sft = rows.get("sft")
-    lines = ["| arm | s/step (median) | × sft | memory at loop start MiB | loop peak above start MiB | × sft |",
+    lines = ["| arm | s per micro-batch (median) | × sft | memory at loop start MiB | loop peak above start MiB "
+             "| × sft |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, row in rows.items():
         t_ratio = row["s_per_step"] / sft["s_per_step"] if sft else None
