@@ -261,8 +261,8 @@ class LoRARecoveryModule(L.LightningModule):
             checkpointed. Its vocabulary and special tokens must equal the student's. ``None``: plain
             SFT, the seed's recipe.
         kd_ratio: the loss is ``(1 − kd_ratio)·CE + kd_ratio·T²·D + kd_hidden_weight·H``
-            (``lit_recover.distill``). 0.5 is provisional (torchtune's default) until the recovery
-            benchmark settles it.
+            (``lit_recover.distill``). 0.5 (torchtune's default) is what the recovery benchmark
+            kept: 1.0 did no better (benchmarks/README.md, "Distillation recovery").
         kd_temperature: ``T``, softening both distributions.
         kd_loss: the divergence ``D``: ``forward_kl`` (KL(teacher ‖ student)), ``reverse_kl`` or ``jsd``.
         kd_positions: ``all`` (every position predicting a real token of its own sequence, the prompt
