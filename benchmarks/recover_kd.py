@@ -235,6 +235,15 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def portable(report: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """The report with this machine's paths replaced by ``names`` (the dense model's cache folder by
+    ``{teacher}``, the data file by its path from the repository root)."""
+    text = json.dumps(report)
+    for path, name in names.items():
+        text = text.replace(json.dumps(path)[1:-1], json.dumps(name)[1:-1])
+    return json.loads(text)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from lit_recover.outputs import write_json, write_text
 
@@ -283,6 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                               "peak_rss_mib": "MiB",
                                                                               "s_per_step": "s"}},
               "base": base, "pruned": pruned_col, "arms": arms}
+    here = {str(base_dir): "{teacher}", str(Path(args.data).resolve()): os.path.relpath(args.data, ROOT)}
+    report = portable(report, here)
     write_json(out_dir / "results.json", report, overwrite=True)
     write_text(out_dir / "summary.md", markdown(report), overwrite=True)
     print(markdown(report))
