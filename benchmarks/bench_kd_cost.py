@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import DEFAULT_ALPACA, RESULTS, ROOT, WORKER_ENV, command_line, hardware
+from benchmarks.report import write_report
 
 ARMS: dict[str, dict[str, Any]] = {
     "sft": {},
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip", type=int, default=1, help="first steps of each process left out of the median")
     p.add_argument("--pairs", type=int, default=2, help="processes per arm, alternating")
     p.add_argument("--tag", default="kd_cost", help="the results folder benchmarks/results/<tag>/")
-    p.add_argument("--out", default=None, help="the results folder instead (results.json, summary.md)")
+    p.add_argument("--out", default=None, help="the results folder instead (results.json, results.md)")
     p.add_argument("--overwrite", choices=("true", "false"), default="false")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--batches", default=None, help=argparse.SUPPRESS)
@@ -167,8 +168,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args.model, args.teacher, args.batches)), flush=True)
         return None
-    from lit_recover.outputs import write_json, write_text
-
     names = [a for a in args.arms.split(",") if a]
     unknown = [a for a in names if a not in ARMS]
     if unknown:
@@ -201,9 +200,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                            "base_dtype": next(iter(runs.values()))[0]["base_dtype"],
                            "units": {"s_per_step": "s", "memory": "MiB"}},
               "arms": arms}
-    write_json(out_dir / "results.json", report, overwrite=True)
-    write_text(out_dir / "summary.md", markdown(report), overwrite=True)
-    print(markdown(report))
+    text = markdown(report)
+    print(text)
+    write_report(out_dir, "results", report, text)  # results.json and results.md
     return report
 
 

@@ -17,7 +17,7 @@ gap won back, ``(ln P_pruned − ln P_arm) / (ln P_pruned − ln P_base)``.
     python -m benchmarks.recover_kd --arms sft,kd --budget_s 600 --zero_shot true --tag recover_kd
 
 The models and runs go to ``--work`` (not committed); the JSON and the markdown table to
-``benchmarks/results/<tag>/``.
+``benchmarks/results/<tag>/`` (``results.json``, ``results.md``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import DEFAULT_ALPACA, RESULTS, ROOT, SHARED_DATA, WORKER_ENV, command_line, hardware
+from benchmarks.report import write_report
 
 # name → the fit's extra arguments; "{teacher}" is the dense model
 ARMS: dict[str, list[str]] = {
@@ -245,8 +246,6 @@ def portable(report: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from lit_recover.outputs import write_json, write_text
-
     args = parse_args(argv)
     names = [a for a in args.arms.split(",") if a]
     unknown = [a for a in names if a not in ARMS]
@@ -294,9 +293,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "base": base, "pruned": pruned_col, "arms": arms}
     here = {str(base_dir): "{teacher}", str(Path(args.data).resolve()): os.path.relpath(args.data, ROOT)}
     report = portable(report, here)
-    write_json(out_dir / "results.json", report, overwrite=True)
-    write_text(out_dir / "summary.md", markdown(report), overwrite=True)
-    print(markdown(report))
+    text = markdown(report)
+    print(text)
+    write_report(out_dir, "results", report, text)  # results.json and results.md
     return report
 
 

@@ -183,7 +183,7 @@ def test_kd_cost_benchmark_trains_each_arm_on_the_recipes_batches(tmp_path, alpa
     for row in arms.values():
         assert row["s_per_step"] > 0 and row["rss_at_loop_start_mib"] > 0
     assert json.loads((out / "results.json").read_text())["arms"].keys() == {"sft", "kd"}
-    assert "| kd |" in (out / "summary.md").read_text()
+    assert "| kd |" in (out / "results.md").read_text()
     with pytest.raises(SystemExit, match="exists"):
         bench_kd_cost.main(["--model", str(student), "--arms", "sft", "--out", str(out)])
 
