@@ -345,6 +345,7 @@ class LoRARecoveryModule(L.LightningModule):
         # loss_weighting tokens: the epoch's batch plan, and the supervised tokens per rank of the window's steps
         self._epoch_plan: tuple[Any, list[list[int]]] | None = None
         self._window_plan: tuple[Any, dict[int, list[int]]] | None = None
+        self._kd_window_plan: tuple[Any, dict[int, list[int]]] | None = None
         self._sharded: ShardedModel | None = None  # set by configure_model under FSDP2
         self._log_parameter_counts()
 
@@ -636,36 +637,8 @@ class LoRARecoveryModule(L.LightningModule):
 
         if self.hparams.kd_positions == "response":
             return self._window_targets(batch_idx)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        sampler = getattr(datamodule, "train_sampler", None)
-        dataset = getattr(datamodule, "train_dataset", None)
-        if sampler is None or dataset is None or not hasattr(sampler, "plan"):
-            return None
-        k = int(self.trainer.accumulate_grad_batches)
-        world, rank = int(sampler.world_size), int(sampler.rank)
-        batches = len(sampler)
-        if isinstance(self.trainer.num_training_batches, int):
-            batches = min(batches, self.trainer.num_training_batches)
-        start = (batch_idx // k) * k
-        key = (id(sampler), sampler.epoch, start)
-        cached = getattr(self, "_kd_window_plan", None)
-        if cached is None or cached[0] != key:
-            epoch_plan = getattr(self, "_kd_epoch_plan", None)
-            if epoch_plan is None or epoch_plan[0] != key[:2]:
-                epoch_plan = self._kd_epoch_plan = (key[:2], sampler.plan(sampler.epoch))
-            plan = epoch_plan[1]
-            counts: dict[int, list[int]] = {}
-            for step in range(start, min(start + k, batches)):
-                per_rank = [plan[step * world + r] for r in range(world)]
-                items = _items(dataset, [i for indices in per_rank for i in indices])
-                positions = [kd_position_count(len(item["input_ids"]), "all", 0) for item in items]
-                bounds = np.cumsum([0, *map(len, per_rank)])
-                counts[step] = [int(sum(positions[bounds[r]:bounds[r + 1]])) for r in range(world)]
-            cached = self._kd_window_plan = (key, counts)
-        counts = cached[1]
-        if batch_idx not in counts:
-            return None
-        return counts[batch_idx][rank], sum(sum(c) for c in counts.values()), world
+        return self._window_counts(batch_idx, lambda item: kd_position_count(len(item["input_ids"]), "all", 0),
+                                   "_kd_window_plan")
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         self.fuse_projections_now()
@@ -762,11 +735,18 @@ class LoRARecoveryModule(L.LightningModule):
 
     def _window_targets(self, batch_idx: int) -> tuple[int, int, int] | None:
         """``(this micro-batch's supervised tokens, the window's on all ranks, world size)`` from the
-        data module's batch plan, or ``None`` when the data module has none.
+        data module's batch plan, or ``None`` when the data module has none (``_window_counts``)."""
+        return self._window_counts(batch_idx, lambda item: _supervised_targets(item["labels"]), "_window_plan")
+
+    def _window_counts(self, batch_idx: int, count: Callable[[dict[str, Any]], int],
+                       cache: str) -> tuple[int, int, int] | None:
+        """``(count over this micro-batch's items, over the window's on all ranks, world size)`` from the
+        data module's batch plan, or ``None`` when the data module has none; the window's counts are
+        kept in the attribute ``cache`` until the window changes.
 
         Lightning steps the optimizer after every ``k`` micro-batches of an epoch and after its last
         one, so window ``w`` holds the epoch's micro-batches ``w·k … w·k + k - 1``; the sampler's plan
-        gives every rank's indices of each of them, and the dataset their labels.
+        gives every rank's indices of each of them, and the dataset their items.
         """
         datamodule = getattr(self.trainer, "datamodule", None)
         sampler = getattr(datamodule, "train_sampler", None)
@@ -780,7 +760,8 @@ class LoRARecoveryModule(L.LightningModule):
             batches = min(batches, self.trainer.num_training_batches)
         start = (batch_idx // k) * k
         key = (id(sampler), sampler.epoch, start)
-        if self._window_plan is None or self._window_plan[0] != key:
+        cached = getattr(self, cache, None)
+        if cached is None or cached[0] != key:
             if self._epoch_plan is None or self._epoch_plan[0] != key[:2]:
                 self._epoch_plan = (key[:2], sampler.plan(sampler.epoch))
             plan = self._epoch_plan[1]
@@ -788,11 +769,12 @@ class LoRARecoveryModule(L.LightningModule):
             for step in range(start, min(start + k, batches)):
                 per_rank = [plan[step * world + r] for r in range(world)]
                 items = _items(dataset, [i for indices in per_rank for i in indices])
-                targets = [_supervised_targets(item["labels"]) for item in items]
+                values = [count(item) for item in items]
                 bounds = np.cumsum([0, *map(len, per_rank)])
-                counts[step] = [int(sum(targets[bounds[r]:bounds[r + 1]])) for r in range(world)]
-            self._window_plan = (key, counts)
-        counts = self._window_plan[1]
+                counts[step] = [int(sum(values[bounds[r]:bounds[r + 1]])) for r in range(world)]
+            cached = (key, counts)
+            setattr(self, cache, cached)
+        counts = cached[1]
         if batch_idx not in counts:
             return None
         return counts[batch_idx][rank], sum(sum(c) for c in counts.values()), world
