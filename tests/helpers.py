@@ -1,4 +1,5 @@
-"""Callbacks used by tests through the command line (``--trainer.callbacks+=tests.helpers.…``)."""
+"""Callbacks used by tests through the command line (``--trainer.callbacks+=tests.helpers.…``), and
+shared test steps."""
 
 import lightning as L
 import torch
@@ -74,3 +75,17 @@ class StopBeforeTraining(L.Callback):
         self.scheduler = trainer.lr_scheduler_configs[0]
         self.total_steps = trainer.estimated_stepping_batches
         trainer.should_stop = True
+
+
+def lora_loss_and_grads(module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The supervised loss of ``module`` on ``batch`` and the gradients of its trainable parameters,
+    after setting its LoRA weights to the same random values (seed 1, N(0, 0.05)) as any other
+    module of the same shapes gets: so that two implementations are compared with a nonzero adapter."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.05)
+    loss, _ = module.supervised_loss(batch)
+    loss.backward()
+    return loss.detach(), {k: p.grad for k, p in module.named_parameters() if p.requires_grad}

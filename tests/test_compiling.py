@@ -8,6 +8,7 @@ import torch
 from lit_recover import compiling
 from lit_recover.errors import ConfigError
 from lit_recover.module import IGNORE_INDEX, LoRARecoveryModule
+from tests.helpers import lora_loss_and_grads
 
 
 def test_no_cxx_compiler_is_one_clear_error(monkeypatch, tiny_pruned_path):
@@ -30,16 +31,7 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_pruned_path):
     labels[:, :4] = IGNORE_INDEX
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     before = compiling.compile_seconds()
-    out = []
-    for module in modules:
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                if "lora_" in name:
-                    p.normal_(0, 0.05)
-        loss, _ = module.supervised_loss(batch)
-        loss.backward()
-        out.append((loss.detach(), {k: p.grad for k, p in module.named_parameters() if p.requires_grad}))
+    out = [lora_loss_and_grads(module, batch) for module in modules]
     assert compiling.compile_seconds() > before  # compiling happened and was counted
     (ref, ref_grads), (loss, grads) = out
     # float32, inductor's fused kernels sum in other orders: a few ulps of the values' scale

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from lit_recover.head import chunkable, head_cross_entropy, supervised_cross_entropy
 from lit_recover.module import IGNORE_INDEX, LoRARecoveryModule
+from tests.helpers import lora_loss_and_grads
 
 EPS64 = torch.finfo(torch.float64).eps
 
@@ -82,16 +83,7 @@ def test_module_loss_and_gradients_chunked_equal_unchunked(tiny_pruned_path, dty
     labels = ids.clone()
     labels[:, :6] = IGNORE_INDEX
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    results = []
-    for module in modules:
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                if "lora_" in name:
-                    p.normal_(0, 0.05)
-        loss, n = module.supervised_loss(batch)
-        loss.backward()
-        results.append((loss.detach(), {k: p.grad for k, p in module.named_parameters() if p.requires_grad}))
+    results = [lora_loss_and_grads(module, batch) for module in modules]
     (ref, ref_grads), (loss, grads) = results
     vocab = modules[0].lm_head.weight.shape[0]
     if dtype == "float64":
